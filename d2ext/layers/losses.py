@@ -1,0 +1,20 @@
+def dice_loss(inputs, targets, eps=1e-5, squared_denominator=True):
+    """Dice loss per instance (V-Net form, as used by SOLO, CondInst and BlendMask's references).
+
+    Args:
+        inputs: (N, ...) mask probabilities in [0, 1] (apply sigmoid before).
+        targets: (N, ...) binary targets, same shape.
+        squared_denominator: sum of squares in the denominator (SOLO, CondInst); else plain sums.
+    Returns:
+        (N,) loss ``1 - 2 * sum(p * t) / (D(p) + D(t))`` per instance.
+    """
+    if inputs.shape != targets.shape:
+        raise ValueError(f"dice_loss: inputs {tuple(inputs.shape)} vs targets {tuple(targets.shape)}")
+    inputs = inputs.flatten(1)
+    targets = targets.flatten(1).to(inputs.dtype)
+    intersection = (inputs * targets).sum(dim=1)
+    if squared_denominator:
+        denominator = (inputs * inputs).sum(dim=1) + (targets * targets).sum(dim=1)
+    else:
+        denominator = inputs.sum(dim=1) + targets.sum(dim=1)
+    return 1.0 - 2.0 * intersection / (denominator + eps)

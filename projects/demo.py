@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Run a model on images and write overlay PNGs drawn with Detectron2's Visualizer.
+
+    python projects/demo.py --config-file CFG --input img1.jpg folder/ 'more/*.png' --output out/ \
+        --opts MODEL.WEIGHTS output/model_final.pth
+    python projects/demo.py --config-file CFG --dataset synthetic_shapes_val --max-images 8 --output out/
+"""
+import argparse
+import glob
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+
+from d2ext.engine import setup_cfg
+from d2ext.visualization import draw_instance_predictions, save_rgb
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def expand_inputs(inputs):
+    """Files, folders (their images, sorted) and globs -> list of paths. Unknown paths are errors."""
+    paths = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise FileNotFoundError(f"--input folder {item!r} contains no images")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            found = sorted(glob.glob(item))
+            if not found:
+                raise FileNotFoundError(f"--input {item!r} is not a file, a folder or a matching glob")
+            paths += found
+    return paths
+
+
+def load_image(path, input_format):
+    try:
+        return read_image(path, format=input_format)
+    except Exception as e:  # PIL raises several types; the user needs the file name either way
+        raise ValueError(f"cannot read image {path!r}: {e}") from e
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--input", nargs="+", default=[], help="image files, folders or globs")
+    parser.add_argument("--dataset", help="a registered dataset to take the images from instead")
+    parser.add_argument("--max-images", type=int, default=None)
+    parser.add_argument("--output", required=True, help="folder for the overlay PNGs")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5)
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE config overrides")
+    return parser
+
+
+def main(args):
+    if bool(args.input) == bool(args.dataset):
+        raise SystemExit("give exactly one of --input and --dataset")
+    cfg = setup_cfg(args.config_file, args.opts)
+    if args.dataset:
+        paths = [d["file_name"] for d in DatasetCatalog.get(args.dataset)]
+        metadata = MetadataCatalog.get(args.dataset)
+    else:
+        paths = expand_inputs(args.input)
+        metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+    paths = paths[: args.max_images]
+    predictor = DefaultPredictor(cfg)
+    os.makedirs(args.output, exist_ok=True)
+    written = []
+    for path in paths:
+        image = load_image(path, cfg.INPUT.FORMAT)
+        instances = predictor(image)["instances"]
+        rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
+        overlay = draw_instance_predictions(rgb, instances, metadata, args.confidence_threshold)
+        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        save_rgb(out, overlay)
+        written.append(out)
+        print(f"{path}: {len(instances)} instances -> {out}")
+    return written
+
+
+if __name__ == "__main__":
+    setup_logger(name="d2ext")
+    main(get_parser().parse_args())

@@ -1,7 +1,8 @@
 """FCOS, CondInst, BlendMask and SOLO / SOLOv2 in pure PyTorch on Detectron2.
 
-Not built yet: this package only provides its config function (see the adet_lite issues).
+Importing the package registers its models with Detectron2's registries.
 """
+from . import condinst, fcos, solo  # noqa: F401  (registration)
 from .config import add_adet_lite_config
 
 __all__ = ["add_adet_lite_config"]

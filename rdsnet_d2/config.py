@@ -1,3 +1,40 @@
+from detectron2.config import CfgNode as CN
+
+
 def add_rdsnet_config(cfg):
-    """Add the config keys of rdsnet_d2 to ``cfg`` (none yet: RDSNet is not built)."""
+    """Add the config keys of rdsnet_d2 (``MODEL.RDSNET`` and ``MODEL.MBRM``) to ``cfg``.
+
+    Anchors, matcher, focal / smooth-L1 losses, score threshold, top-k and NMS of the object stream are
+    RetinaNet's keys (``MODEL.RETINANET.*``, ``MODEL.ANCHOR_GENERATOR.*``), reused unchanged.
+    """
+    cfg.MODEL.RDSNET = CN()
+    # Object stream: the representation tower beside RetinaNet's cls / box towers.
+    cfg.MODEL.RDSNET.REP_DIM = 32  # d: each anchor predicts 2 x d values (background slot, then foreground)
+    cfg.MODEL.RDSNET.HEAD_NORM = "GN"  # norm of the three 4-conv towers ("GN" = GroupNorm(32), "" = none)
+    # Pixel stream (P3-P5 merged at stride 8, then up to stride 4, then 1x1 to d).
+    cfg.MODEL.RDSNET.PIXEL_IN_FEATURES = ["p3", "p4", "p5"]  # finest first; 2**i upsampling per level
+    cfg.MODEL.RDSNET.PIXEL_CONV_DIM = 256  # channels of the pixel stream's convs
+    cfg.MODEL.RDSNET.PIXEL_NORM = "GN"  # norm of the pixel stream's 3x3 convs
+    # Masks in training.
+    cfg.MODEL.RDSNET.MASK_SAMPLES_PER_IMAGE = 100  # positive anchors per image whose masks are trained
+    cfg.MODEL.RDSNET.MASK_MIN_AREA = 100  # an anchor trains a mask only if its GT mask has more pixels
+    cfg.MODEL.RDSNET.TRAIN_CROP_EXPAND = 0.25  # GT crop box grows by this fraction of its size per side
+    cfg.MODEL.RDSNET.OHEM_NEG_POS_RATIO = 1.0  # hard background pixels kept per foreground pixel
+    cfg.MODEL.RDSNET.MASK_LOSS_WEIGHT = 1.0  # weight of loss_mask
+    # Masks at test time.
+    cfg.MODEL.RDSNET.TEST_CROP_EXPAND = 0.1  # detected box grows by this fraction per side
+    cfg.MODEL.RDSNET.MASK_THRESHOLD = 0.4  # soft mask -> binary mask
+    cfg.MODEL.RDSNET.MASK_CHUNK_SIZE = 16  # detections upsampled at once (bounds peak test memory)
+    # FPN top block: the official P7 = conv(P6) has no ReLU in between (Detectron2's has one).
+    cfg.MODEL.RDSNET.P7_RELU = False  # used by build_rdsnet_resnet_fpn_backbone
+
+    cfg.MODEL.MBRM = CN()
+    cfg.MODEL.MBRM.ON = False  # refine the boxes of the detections with MBRM at inference
+    cfg.MODEL.MBRM.TRAIN = False  # MBRM training stage: only MBRM learns (loss_mbrm), the rest is frozen
+    cfg.MODEL.MBRM.KERNEL_HALF_SIZE = 4  # s: 1-D kernel of 2s + 1 taps
+    cfg.MODEL.MBRM.GAMMA = 0.05  # prior sigma = max(GAMMA * box size, 1) pixels
+    cfg.MODEL.MBRM.PRIOR_CUTOFF = 0.0044  # prior density <= this is set to 0 (truncation)
+    cfg.MODEL.MBRM.TRAIN_IOU = 0.5  # a detection trains MBRM if its IoU with a GT box reaches this
+    # Generic post-processor: the meta-architecture that MBRMRefinedDetector wraps.
+    cfg.MODEL.MBRM.BASE_META_ARCHITECTURE = "GeneralizedRCNN"
     return cfg

@@ -22,7 +22,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 # Bump when the generator changes what it draws: cached splits are keyed by it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CLASS_NAMES = ("disk", "ring", "ell", "crescent")
 
 
@@ -114,9 +114,16 @@ def _keyhole(outer, holes):
     return poly
 
 
-def mask_to_polygons(mask):
-    """Binary mask (H, W) -> COCO polygons (list of flat [x0, y0, x1, y1, ...]), holes as keyholes."""
-    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+def mask_to_polygons(mask, upsample=4):
+    """Binary mask (H, W) -> COCO polygons (list of flat [x0, y0, x1, y1, ...]), holes as keyholes.
+
+    Contours run through the centres of boundary pixels, i.e. half a pixel inside the mask's true
+    boundary, and a rasteriser would drop those pixels. Tracing the mask upsampled ``upsample`` times
+    puts the polygon ``0.5 / upsample`` px inside the boundary instead, so it decodes to the same pixels.
+    """
+    big = cv2.resize(mask.astype(np.uint8), None, fx=upsample, fy=upsample,
+                     interpolation=cv2.INTER_NEAREST)
+    contours, hierarchy = cv2.findContours(big, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     if hierarchy is None:
         return []
     hierarchy = hierarchy[0]
@@ -129,9 +136,9 @@ def mask_to_polygons(mask):
         poly = _keyhole(contour[:, 0, :], holes)
         if len(poly) < 3:
             continue
-        # Contour vertices are pixel indices; +0.5 puts them at pixel centres in COCO's continuous
-        # coordinates (pixel (i, j) covers [j, j+1] x [i, i+1]).
-        polygons.append([float(c) + 0.5 for p in poly for c in p])
+        # Fine pixel index k -> its centre (k + 0.5) in COCO's continuous coordinates of the fine grid
+        # (pixel (i, j) covers [j, j+1] x [i, i+1]), divided back to the original grid.
+        polygons.append([(float(c) + 0.5) / upsample for p in poly for c in p])
     return polygons
 
 

@@ -1,0 +1,152 @@
+"""MBRM: mask based boundary refinement (RDSNet, Sec. 3.3), as a standalone module.
+
+Each box side is re-estimated from a soft instance mask by Bayes' rule along one axis:
+likelihood from a learned 1-D edge detector run over the mask's max-projection profile, prior a
+truncated Gaussian centred on the regressed side, result the posterior's argmax.
+
+Pixel convention (Detectron2's continuous boxes): pixel column ``c`` covers ``[c, c + 1)``, and an
+*edge position* ``e`` (an integer in ``0..W``) is the line between columns ``e - 1`` and ``e``. The
+official kernel responds most at the last background pixel before an object (left/top) and, flipped,
+at the first background pixel after it (right/bottom); so the left edge ``e`` is scored by the
+detector output at column ``e - 1`` and the right edge ``e`` by the flipped detector at column ``e``.
+For a mask covering columns 15..44 the official code returns the pixel indices l = 14, r = 45 (a box
+one pixel too wide on the left in its inclusive "+1" convention); here it returns the continuous
+edges x1 = 15, x2 = 45, i.e. ``(l + 1, r)``. The prior is centred on the regressed continuous edge, so
+an uninformative mask leaves a box where it was. Columns outside the image read as background, so an
+edge may land on the image border (e = 0 or e = W).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# The constants of the official release (hard-coded there; released checkpoints hold no MBRM weights).
+OFFICIAL_KERNEL = (-0.2968, -0.2892, -0.2635, -3.2545, -0.1874, 2.5041, 0.0196, 0.0651, 0.0917)
+OFFICIAL_BIAS = -1.9536
+
+
+class MBRM(nn.Module):
+    """Refine boxes with soft instance masks.
+
+    ``MBRM()`` uses the official released kernel (s = 4) and constants (gamma 0.05, prior truncated
+    at density 0.0044). Another ``kernel_half_size`` starts from a zero kernel (flat likelihood: the
+    posterior is the prior, boxes stay put) and must be trained (:meth:`loss`).
+    """
+
+    def __init__(self, kernel_half_size=4, gamma=0.05, prior_cutoff=0.0044):
+        super().__init__()
+        if kernel_half_size < 0:
+            raise ValueError(f"MBRM: kernel_half_size must be >= 0, got {kernel_half_size}")
+        if gamma < 0:
+            raise ValueError(f"MBRM: gamma must be >= 0, got {gamma}")
+        self.kernel_half_size = kernel_half_size
+        self.gamma = gamma
+        self.prior_cutoff = prior_cutoff
+        if kernel_half_size == len(OFFICIAL_KERNEL) // 2:
+            weight, bias = torch.tensor(OFFICIAL_KERNEL), torch.tensor([OFFICIAL_BIAS])
+        else:
+            weight, bias = torch.zeros(2 * kernel_half_size + 1), torch.zeros(1)
+        # Named like the official module's (mbrm.weight (1, 1, 2s+1), mbrm.bias (1,)).
+        self.weight = nn.Parameter(weight.view(1, 1, -1))
+        self.bias = nn.Parameter(bias)
+
+    @staticmethod
+    def profiles(masks):
+        """(N, H, W) soft masks -> x-profiles (N, W) (max over rows), y-profiles (N, H)."""
+        if masks.dim() != 3:
+            raise ValueError(f"MBRM: masks must be (N, H, W), got shape {tuple(masks.shape)}")
+        masks = masks.float()
+        if masks.shape[0] == 0 or masks.shape[1] == 0 or masks.shape[2] == 0:
+            return masks.new_zeros(masks.shape[0], masks.shape[2]), masks.new_zeros(masks.shape[0], masks.shape[1])
+        return masks.amax(dim=1), masks.amax(dim=2)
+
+    def forward(self, masks, boxes):
+        """
+        Args:
+            masks: (N, H, W) soft foreground probabilities in [0, 1], in the boxes' image frame.
+            boxes: (N, 4) float XYXY continuous boxes (Detectron2 convention).
+        Returns:
+            (N, 4) refined boxes (integer edge positions as floats).
+        """
+        self._check_boxes(boxes, masks.shape[0] if masks.dim() == 3 else None)
+        x_profiles, y_profiles = self.profiles(masks)
+        return self.refine(x_profiles, y_profiles, boxes)
+
+    def refine(self, x_profiles, y_profiles, boxes):
+        """Same as ``forward`` from precomputed profiles: x (N, W), y (N, H). Lets callers keep only
+        the profiles of large soft masks (bounded memory)."""
+        self._check_boxes(boxes, x_profiles.shape[0])
+        if boxes.shape[0] == 0:
+            return boxes.clone()
+        x1, y1, x2, y2 = boxes.float().unbind(dim=1)
+        x1n, x2n = self._refine_axis(x_profiles, x1, x2)
+        y1n, y2n = self._refine_axis(y_profiles, y1, y2)
+        return torch.stack([x1n, y1n, x2n, y2n], dim=1).to(boxes.dtype)
+
+    def loss(self, x_profiles, y_profiles, boxes, gt_boxes):
+        """The paper's training loss: cross-entropy of the posterior over edge positions against the
+        GT edge (rounded to the nearest position), averaged over the 4N sides.
+
+        Sides whose GT edge lies where the truncated prior is 0 cannot be reached and are left out.
+        Args:
+            x_profiles (N, W), y_profiles (N, H): from :meth:`profiles` of the soft masks.
+            boxes (N, 4): the detector's boxes; gt_boxes (N, 4): their matched GT boxes.
+        Returns:
+            scalar loss (0 with a gradient path when nothing is trainable).
+        """
+        self._check_boxes(boxes, x_profiles.shape[0])
+        self._check_boxes(gt_boxes, x_profiles.shape[0])
+        terms = []
+        for profiles, lo, hi, gt_lo, gt_hi in (
+            (x_profiles, boxes[:, 0], boxes[:, 2], gt_boxes[:, 0], gt_boxes[:, 2]),
+            (y_profiles, boxes[:, 1], boxes[:, 3], gt_boxes[:, 1], gt_boxes[:, 3]),
+        ):
+            if profiles.shape[0] == 0:
+                continue
+            log_posterior = F.log_softmax(self._log_posterior(profiles, lo.float(), hi.float()), dim=2)
+            length = profiles.shape[1]
+            targets = torch.stack([gt_lo, gt_hi], dim=1).float().round().clamp(0, length).long()
+            picked = log_posterior.gather(2, targets[..., None])[..., 0]  # (N, 2)
+            terms.append(-picked[torch.isfinite(picked)])
+        nll = torch.cat(terms) if terms else self.weight.new_zeros(0)
+        if nll.numel() == 0:
+            return (self.weight.sum() + self.bias.sum()) * 0.0
+        return nll.mean()
+
+    def _check_boxes(self, boxes, num_masks):
+        if boxes.dim() != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"MBRM: boxes must be (N, 4), got shape {tuple(boxes.shape)}")
+        if num_masks is not None and boxes.shape[0] != num_masks:
+            raise ValueError(f"MBRM: {boxes.shape[0]} boxes but {num_masks} masks")
+        if not torch.isfinite(boxes).all():
+            raise ValueError("MBRM: boxes contain inf or nan")
+
+    def _refine_axis(self, profiles, lo, hi):
+        log_posterior = self._log_posterior(profiles, lo, hi)  # (N, 2, L + 1)
+        best = log_posterior.argmax(dim=2).to(lo.dtype)  # first maximum, as the official argmax
+        # A fully truncated prior (sigma so large that its peak density is below the cutoff) gives
+        # no posterior: keep the regressed side.
+        reachable = torch.isfinite(log_posterior.amax(dim=2))
+        regressed = torch.stack([lo, hi], dim=1)
+        refined = torch.where(reachable, best, regressed)
+        return refined[:, 0], refined[:, 1]
+
+    def _log_posterior(self, profiles, lo, hi):
+        """Unnormalised log posterior (N, 2, L + 1) of the low (left/top) and high (right/bottom)
+        edge over positions 0..L; -inf where the truncated prior is 0."""
+        if profiles.dim() != 2:
+            raise ValueError(f"MBRM: profiles must be (N, L), got shape {tuple(profiles.shape)}")
+        length = profiles.shape[1]
+        padded_input = profiles.float()[:, None]
+        pad = self.kernel_half_size + 1  # one more than 'same': the edges at 0 and L need columns -1 and L
+        low_response = F.conv1d(padded_input, self.weight, self.bias, padding=pad)[:, 0, : length + 1]
+        high_response = F.conv1d(padded_input, self.weight.flip(-1), self.bias, padding=pad)[:, 0, 1:]
+        log_likelihood = F.logsigmoid(torch.stack([low_response, high_response], dim=1))
+
+        positions = torch.arange(length + 1, device=profiles.device, dtype=torch.float32)
+        sigma = (self.gamma * (hi - lo)).clamp(min=1.0)[:, None, None]  # (N, 1, 1)
+        centres = torch.stack([lo, hi], dim=1)[..., None]  # (N, 2, 1)
+        density = torch.exp(-0.5 * ((positions - centres) / sigma) ** 2) / (math.sqrt(2 * math.pi) * sigma)
+        log_prior = torch.where(density > self.prior_cutoff, density.log(), torch.full_like(density, -math.inf))
+        return log_likelihood + log_prior

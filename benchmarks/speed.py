@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Inference and training-step speed and peak memory of any configs, with Detectron2's Mask R-CNN
+R50-FPN measured in the same run as the baseline; prints a table with ratios, the command and the machine.
+
+    python benchmarks/speed.py --config-file configs/CondInst/MS_R_50_1x.yaml --size 800 1333
+    python benchmarks/speed.py --config-file A.yaml --config-file B.yaml --modes inference --iters 5
+
+Each (model, mode) is measured in its own process so that peak memory (RSS on CPU, max allocated on
+CUDA) belongs to that measurement alone. Models are randomly initialised (no downloads); pass --opts to
+lower score thresholds so that random models run their full post-processing.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import sys
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINE = "detectron2 mask_rcnn_R_50_FPN_1x"
+
+
+def _measure_in_process(config_file, opts, mode, args, queue):
+    import d2ext  # noqa: F401  (datasets)
+    from d2ext import benchmark
+    from d2ext.engine import setup_cfg
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if config_file is None:
+        cfg = benchmark.baseline_cfg()
+        cfg.MODEL.WEIGHTS = ""
+        cfg.MODEL.DEVICE = args.device
+    else:
+        cfg = setup_cfg(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *opts], freeze=False)
+    batch = benchmark.synthetic_batch(cfg, args.batch_size, args.size[0], args.size[1])
+    queue.put(benchmark.measure(cfg, mode, batch, args.warmup, args.iters))
+
+
+def measure_isolated(config_file, opts, mode, args):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure_in_process, args=(config_file, opts, mode, args, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"measuring {config_file or BASELINE} ({mode}) failed (exit {proc.exitcode})")
+    return queue.get()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Speed / memory vs Detectron2's Mask R-CNN R50-FPN.")
+    parser.add_argument("--config-file", action="append", default=[], help="repeatable")
+    parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"))
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for every config")
+    args = parser.parse_args()
+
+    from d2ext.benchmark import command_line, format_table, machine_description
+
+    rows = []
+    for config_file in [None] + args.config_file:
+        name = BASELINE if config_file is None else os.path.relpath(config_file, REPO)
+        for mode in args.modes:
+            seconds, memory = measure_isolated(config_file, args.opts, mode, args)
+            rows.append({"name": name, "mode": mode, "seconds": seconds, "memory_mb": memory})
+            print(f"{name} {mode}: {seconds:.3f} s, {memory:.0f} MB", file=sys.stderr, flush=True)
+    print(f"command: {command_line()}")
+    print(f"machine: {machine_description(args.device)}")
+    print(f"input: {args.size[0]}x{args.size[1]} (short x max side), batch {args.batch_size}, "
+          f"median of {args.iters} after {args.warmup} warm-up")
+    print(format_table(rows, BASELINE))
+
+
+if __name__ == "__main__":
+    main()

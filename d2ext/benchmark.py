@@ -1,0 +1,114 @@
+"""Benchmark helpers shared by every benchmark script: timing, peak memory, machine description and
+the ratio table against a Detectron2 baseline measured in the same run."""
+import copy
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from detectron2 import model_zoo
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.modeling import build_model
+from detectron2.utils.events import EventStorage
+
+BASELINE_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+
+
+def machine_description(device):
+    parts = [platform.node() or "unknown-host", platform.machine(), f"{os.cpu_count()} CPUs",
+             f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+    if device.startswith("cuda"):
+        parts.append(torch.cuda.get_device_name(device))
+    return ", ".join(parts)
+
+
+def baseline_cfg():
+    """Detectron2's own Mask R-CNN R50-FPN 1x from its model zoo (random init)."""
+    return model_zoo.get_config(BASELINE_CONFIG)
+
+
+def synthetic_batch(cfg, batch_size, min_size, max_size, dataset="synthetic_shapes_val"):
+    """Mapped training inputs: built-in images resized like the test-time resize to (min, max)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = min_size, max_size
+    mapper = DatasetMapper(cfg, is_train=False)
+    mapper.is_train = True  # keep the annotations (needed for a training step)
+    dicts = DatasetCatalog.get(dataset)
+    return [mapper(copy.deepcopy(dicts[i % len(dicts)])) for i in range(batch_size)]
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device):
+    """Peak since the last reset: allocated CUDA memory, or this process's peak RSS on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def measure(cfg, mode, batch, warmup, iters):
+    """Median seconds and peak memory of one inference (batch of images) or one training step."""
+    device = cfg.MODEL.DEVICE
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    inputs = [{k: v for k, v in d.items() if k != "instances"} for d in batch]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            with torch.no_grad():
+                model(inputs)
+    elif mode == "train":
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+        def step():
+            with EventStorage():
+                losses = model(batch)
+                optimizer.zero_grad()
+                sum(losses.values()).backward()
+                optimizer.step()
+    else:
+        raise ValueError(f"mode must be 'inference' or 'train', got {mode!r}")
+    seconds = median_seconds(step, device, warmup, iters)
+    return seconds, peak_memory_mb(device)
+
+
+def format_table(rows, baseline_name):
+    """rows: dicts with name, mode, seconds, memory_mb; ratios against the baseline row of each mode."""
+    base = {r["mode"]: r for r in rows if r["name"] == baseline_name}
+    lines = ["| model | mode | median s | x baseline | peak MB | x baseline |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        b = base.get(r["mode"])
+        time_ratio = f"{r['seconds'] / b['seconds']:.2f}" if b else "-"
+        mem_ratio = f"{r['memory_mb'] / b['memory_mb']:.2f}" if b else "-"
+        lines.append(f"| {r['name']} | {r['mode']} | {r['seconds']:.3f} | {time_ratio} | "
+                     f"{r['memory_mb']:.0f} | {mem_ratio} |")
+    return "\n".join(lines)
+
+
+def command_line():
+    return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])

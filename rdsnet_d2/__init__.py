@@ -1,7 +1,15 @@
 """RDSNet: reciprocal object detection and instance segmentation, with MBRM (Wang et al., AAAI 2020).
 
-Not built yet: this package only provides its config function (see issue "rdsnet_d2").
+Importing this package registers the ``RDSNet`` meta-architecture and the
+``build_rdsnet_resnet_fpn_backbone`` backbone with Detectron2's registries.
 """
+from . import backbone as _backbone  # noqa: F401  (registers build_rdsnet_resnet_fpn_backbone)
 from .config import add_rdsnet_config
+from .correlation import correlate
+from .cropping import crop_masks, expanded_crop_boxes
+from .mask_loss import ohem_mask_loss
+from .mbrm import MBRM
+from .rdsnet import RDSNet
 
-__all__ = ["add_rdsnet_config"]
+__all__ = ["MBRM", "RDSNet", "add_rdsnet_config", "correlate", "crop_masks", "expanded_crop_boxes",
+           "ohem_mask_loss"]

@@ -1,0 +1,30 @@
+"""ResNet-FPN backbone of RDSNet: P3-P7 with P6 from C5, and (official) no ReLU between P6 and P7."""
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
+from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+
+class LastLevelP6P7NoReLU(LastLevelP6P7):
+    """Detectron2's P6/P7 block (same parameter names) without the ReLU before P7, as mmdet v1's FPN
+    with ``relu_before_extra_convs=False``."""
+
+    def forward(self, x):
+        p6 = self.p6(x)
+        return [p6, self.p7(p6)]
+
+
+@BACKBONE_REGISTRY.register()
+def build_rdsnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    bottom_up = build_resnet_backbone(cfg, input_shape)
+    in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    top_block_class = LastLevelP6P7 if cfg.MODEL.RDSNET.P7_RELU else LastLevelP6P7NoReLU
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=top_block_class(in_channels_p6p7, out_channels, in_feature="res5"),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

@@ -1,0 +1,108 @@
+"""Correlation, cropping and the OHEM mask loss against loop-based references."""
+import math
+
+import pytest
+import torch
+
+from rdsnet_d2 import correlate, crop_masks, expanded_crop_boxes, ohem_mask_loss
+
+
+def test_correlation_batched_equals_per_instance():
+    torch.manual_seed(0)
+    pixel_reps = torch.randn(3, 8, 5, 7)
+    object_reps = torch.randn(6, 2, 8)
+    image_indices = torch.tensor([2, 0, 2, 2, 0, 1])
+    logits = correlate(pixel_reps, object_reps, image_indices)
+    assert logits.shape == (6, 2, 5, 7)
+    for n in range(6):
+        for s in range(2):
+            for y in range(5):
+                for x in range(7):
+                    expected = sum(float(object_reps[n, s, k]) * float(pixel_reps[image_indices[n], k, y, x])
+                                   for k in range(8))
+                    assert float(logits[n, s, y, x]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_correlation_gradients_and_empty():
+    pixel_reps = torch.randn(2, 4, 3, 3, requires_grad=True)
+    object_reps = torch.randn(3, 2, 4, requires_grad=True)
+    correlate(pixel_reps, object_reps, torch.tensor([1, 1, 0])).sum().backward()
+    assert pixel_reps.grad.abs().sum() > 0 and object_reps.grad.abs().sum() > 0
+    assert correlate(pixel_reps, object_reps[:0], torch.zeros(0, dtype=torch.long)).shape == (0, 2, 3, 3)
+    with pytest.raises(ValueError, match="object_reps"):
+        correlate(pixel_reps, torch.randn(3, 4), torch.tensor([0, 0, 0]))
+
+
+def _reference_crop(box, expand, height, width):
+    x1, y1, x2, y2 = box
+    pad_x = max(expand * (x2 - x1 + 1), 1)
+    pad_y = max(expand * (y2 - y1 + 1), 1)
+    cx1, cy1 = int(max(x1 - pad_x, 0)), int(max(y1 - pad_y, 0))
+    cx2, cy2 = int(min(x2 + pad_x, width)), int(min(y2 + pad_y, height))
+    return [[cx1 <= x < cx2 and cy1 <= y < cy2 for x in range(width)] for y in range(height)]
+
+
+@pytest.mark.parametrize("expand", [0.25, 0.1, 0.0])
+def test_expanded_crop_matches_reference(expand):
+    boxes = torch.tensor([[3.2, 4.7, 10.1, 12.9], [0.0, 0.0, 2.0, 1.0], [14.5, 2.0, 20.0, 6.0], [7.0, 7.0, 7.0, 7.0]])
+    masks = crop_masks(expanded_crop_boxes(boxes, expand, 16, 20), 16, 20)
+    for box, mask in zip(boxes.tolist(), masks):
+        assert mask.tolist() == _reference_crop(box, expand, 16, 20)
+
+
+def test_crop_expansion_examples():
+    # 8-px box at p = 0.25: pad = 0.25 * 9 = 2.25 per side -> [1.75, 14.25), truncated to [1, 14).
+    crop = expanded_crop_boxes(torch.tensor([[4.0, 4.0, 12.0, 12.0]]), 0.25, 32, 32)
+    assert crop.tolist() == [[1, 1, 14, 14]]
+    # a tiny box still gets the 1-pixel minimum pad; crops stop at the map border
+    assert expanded_crop_boxes(torch.tensor([[0.0, 5.0, 1.0, 6.0]]), 0.1, 8, 8).tolist() == [[0, 4, 2, 7]]
+    with pytest.raises(ValueError):
+        expanded_crop_boxes(torch.zeros(1, 4), -0.1, 8, 8)
+
+
+def _reference_ohem(logits, targets, ratio=1.0):
+    total = 0.0
+    num = logits.shape[0]
+    for n in range(num):
+        pos, neg = [], []
+        for y in range(targets.shape[1]):
+            for x in range(targets.shape[2]):
+                fg, bg = float(logits[n, 1, y, x]), float(logits[n, 0, y, x])
+                log_norm = math.log(math.exp(fg) + math.exp(bg))
+                t = int(targets[n, y, x])
+                if t == 1:
+                    pos.append(log_norm - fg)
+                elif t == 0:
+                    neg.append(log_norm - bg)
+        k = min(int(len(pos) * ratio), targets.shape[1] * targets.shape[2] - 1)
+        kept = sorted(neg, reverse=True)[:k]
+        total += (sum(pos) + sum(kept)) / (len(pos) + len(kept) + 1)
+    return total / (num + 1)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 3.0, 0.5])
+def test_ohem_matches_reference(ratio):
+    torch.manual_seed(1)
+    logits = torch.randn(4, 2, 6, 5)
+    targets = torch.randint(-1, 2, (4, 6, 5))
+    targets[2] = torch.where(targets[2] == 1, torch.zeros_like(targets[2]), targets[2])  # no positives
+    targets[3] = torch.where(targets[3] == 0, torch.ones_like(targets[3]), targets[3])  # no negatives
+    loss = ohem_mask_loss(logits, targets, ratio)
+    assert loss.item() == pytest.approx(_reference_ohem(logits, targets, ratio), rel=1e-5)
+
+
+def test_ohem_selects_the_hardest_negatives():
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 1, 0] = torch.tensor([5.0, 1.0, -2.0, 3.0])  # foreground logit; negatives at 1..3
+    targets = torch.tensor([[[1, 0, 0, 0]]])
+    # one positive -> one negative kept: the hardest is pixel 3 (CE = log(1 + e^3))
+    expected = (math.log(1 + math.exp(-5.0)) + math.log(1 + math.exp(3.0))) / 3 / 2
+    assert ohem_mask_loss(logits, targets).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ohem_empty_and_bad_shapes():
+    logits = torch.zeros(0, 2, 4, 4, requires_grad=True)
+    loss = ohem_mask_loss(logits, torch.zeros(0, 4, 4, dtype=torch.long))
+    assert loss.item() == 0.0
+    with pytest.raises(ValueError, match="ohem_mask_loss"):
+        ohem_mask_loss(torch.zeros(2, 2, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))

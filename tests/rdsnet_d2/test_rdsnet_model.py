@@ -1,0 +1,204 @@
+"""RDSNet end to end on CPU: train step, inference format, empty images, checkpoints, overfitting,
+the MBRM training stage and official checkpoint names."""
+import copy
+import csv
+import os
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.structures import Boxes, Instances
+
+from d2ext.testing import (
+    build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg, train_step,
+)
+from rdsnet_d2.checkpoint import official_to_detectron2_name, reorder_anchors
+
+CONFIG = "quickstart/rdsnet_R18_FPN_synthetic.yaml"
+SMALL = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "MODEL.RDSNET.PIXEL_CONV_DIM", "32",
+         "MODEL.RETINANET.NUM_CONVS", "2"]  # 64 FPN channels: GN(32) needs 2 channels per group on 1x1 P7
+# Every anchor passes the score threshold, so untrained models still produce detections and masks.
+ALL_DETECTIONS = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20",
+                  "MODEL.RDSNET.MASK_CHUNK_SIZE", "7"]
+TSV = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "rdsnet_keys.tsv")
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_cfg(config_path(CONFIG), SMALL)
+
+
+def _empty_image_batch(cfg):
+    batch = dataset_batch(cfg, indices=(0, 1))
+    image = batch[1]["instances"]
+    batch[1]["instances"] = Instances(image.image_size, gt_boxes=Boxes(torch.zeros(0, 4)),
+                                      gt_classes=torch.zeros(0, dtype=torch.long),
+                                      gt_masks=image.gt_masks[[]] if len(image) else image.gt_masks)
+    return batch
+
+
+def test_train_step_and_inference_format(cfg):
+    model = build_tiny_model(cfg)
+    batch = dataset_batch(cfg)
+    losses = train_step(model, batch)
+    assert set(losses) == {"loss_cls", "loss_box_reg", "loss_mask"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()) and losses["loss_mask"] > 0
+    # every parameter received a gradient (DDP needs no unused parameters)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    model = build_tiny_model(tiny_cfg(config_path(CONFIG), SMALL + ALL_DETECTIONS))
+    model.eval()
+    inputs = dataset_batch(cfg, is_train=False)
+    with torch.no_grad():
+        outputs = model(inputs)
+    for inp, out in zip(inputs, outputs):
+        inst = out["instances"]
+        assert inst.image_size == (inp["height"], inp["width"])  # original size, not the resized input
+        assert len(inst) == 20
+        assert inst.pred_masks.shape == (20, inp["height"], inp["width"]) and inst.pred_masks.dtype == torch.bool
+        assert inst.pred_boxes.tensor.shape == (20, 4) and inst.scores.shape == (20,)
+        assert inst.pred_classes.max() < 4
+        # masks stay inside the test crop (box + 0.1 of its size per side, at least 1 px)
+        for box, mask in zip(inst.pred_boxes.tensor, inst.pred_masks):
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if xs.numel():
+                pad_x = max(0.1 * (box[2] - box[0] + 1), 1)
+                assert xs.min() >= int(max(box[0] - pad_x, 0)) and xs.max() < box[2] + pad_x
+
+
+def test_chunked_masks_equal_one_chunk(cfg):
+    opts = SMALL + ALL_DETECTIONS
+    chunked = build_tiny_model(tiny_cfg(config_path(CONFIG), opts)).eval()
+    whole = build_tiny_model(tiny_cfg(config_path(CONFIG), opts + ["MODEL.RDSNET.MASK_CHUNK_SIZE", "100"])).eval()
+    inputs = dataset_batch(cfg, indices=(2,), is_train=False)
+    with torch.no_grad():
+        a, b = chunked(inputs)[0]["instances"], whole(inputs)[0]["instances"]
+    assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+def test_zero_detections(cfg):
+    model = build_tiny_model(tiny_cfg(config_path(CONFIG), SMALL + ["MODEL.RETINANET.SCORE_THRESH_TEST", "1.0",
+                                                                     "MODEL.MBRM.ENABLED", "True"])).eval()
+    inputs = dataset_batch(cfg, is_train=False)
+    with torch.no_grad():
+        inst = model(inputs)[0]["instances"]
+    assert len(inst) == 0 and inst.pred_masks.shape == (0, inputs[0]["height"], inputs[0]["width"])
+
+
+def test_image_without_annotations_trains(cfg):
+    model = build_tiny_model(cfg)
+    losses = train_step(model, _empty_image_batch(cfg))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    only_empty = _empty_image_batch(cfg)[1:]
+    losses = train_step(model, only_empty)
+    assert losses["loss_mask"] == 0.0 and losses["loss_box_reg"] == 0.0 and losses["loss_cls"] > 0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_missing_masks_is_a_clear_error(cfg):
+    with pytest.raises(ValueError, match="MASK_ON"):
+        build_tiny_model(tiny_cfg(config_path(CONFIG), SMALL + ["MODEL.MASK_ON", "False"]))
+
+
+def test_checkpoint_round_trip(cfg, tmp_path):
+    opts = SMALL + ALL_DETECTIONS + ["MODEL.MBRM.ENABLED", "True"]
+    cfg = tiny_cfg(config_path(CONFIG), opts)
+    model = build_tiny_model(cfg).eval()
+    loaded = checkpoint_round_trip(model, cfg, str(tmp_path)).eval()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    inputs = dataset_batch(cfg, indices=(3,), is_train=False)
+    with torch.no_grad():
+        a, b = model(inputs)[0]["instances"], loaded(inputs)[0]["instances"]
+    assert torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+
+
+def test_overfit_loss_falls(cfg):
+    torch.manual_seed(0)
+    model = build_tiny_model(cfg)
+    history = overfit(model, dataset_batch(cfg, indices=(0,)), iterations=20, lr=0.02)
+    assert min(history[-3:]) < 0.7 * history[0], history  # measured: 1.03 -> 0.60
+
+
+def test_mbrm_training_stage(cfg, tmp_path):
+    """Only MBRM learns (from a zero kernel, s = 3); everything else stays bit-identical."""
+    opts = SMALL + ["MODEL.MBRM.TRAIN", "True", "MODEL.MBRM.KERNEL_HALF_SIZE", "3",
+                    "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "MODEL.MBRM.TRAIN_IOU", "0.3"]
+    model = build_tiny_model(tiny_cfg(config_path(CONFIG), opts))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["mbrm.weight", "mbrm.bias"]
+    frozen = copy.deepcopy({k: v for k, v in model.state_dict().items() if not k.startswith("mbrm.")})
+    model.train()
+    assert not model.backbone.training and model.mbrm.training
+    batch = dataset_batch(cfg, indices=(0, 1))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    history = [train_step(model, batch, optimizer)["loss_mbrm"] for _ in range(8)]
+    assert history[-1] < history[0], history
+    for key, value in model.state_dict().items():
+        if not key.startswith("mbrm."):
+            assert torch.equal(value, frozen[key]), key
+
+
+def _official_names():
+    with open(TSV) as f:
+        rows = [r for r in csv.reader(f, delimiter="\t") if r and not r[0].startswith("#") and r[0] != "key"]
+    return [r[0] for r in rows]
+
+
+def _fake_official_state_dict(model):
+    """Official names for every head / pixel-stream / FPN / backbone parameter of ``model``: head and
+    pixel-stream names from the .tsv, FPN and ResNet names from the .tsv's naming rules."""
+    names = _official_names()
+    target = model.state_dict()
+    official = {}
+    for name in names:
+        if name.startswith("mbrm."):
+            continue
+        new = official_to_detectron2_name(name)
+        assert new is not None, name
+        if new in target:  # the tiny model has 2 tower convs (the .tsv lists 4)
+            official[name] = torch.randn_like(target[new].float())
+    for i in range(3):
+        official[f"neck.lateral_convs.{i}.conv.weight"] = torch.randn_like(target[f"backbone.fpn_lateral{i + 3}.weight"])
+        official[f"neck.fpn_convs.{i}.conv.weight"] = torch.randn_like(target[f"backbone.fpn_output{i + 3}.weight"])
+    official["neck.fpn_convs.3.conv.weight"] = torch.randn_like(target["backbone.top_block.p6.weight"])
+    official["neck.fpn_convs.4.conv.bias"] = torch.randn_like(target["backbone.top_block.p7.bias"])
+    official["backbone.conv1.weight"] = torch.randn_like(target["backbone.bottom_up.stem.conv1.weight"])
+    official["backbone.bn1.running_var"] = torch.rand_like(target["backbone.bottom_up.stem.conv1.norm.running_var"])
+    official["backbone.layer2.0.downsample.0.weight"] = torch.randn_like(target["backbone.bottom_up.res3.0.shortcut.weight"])
+    official["backbone.layer3.1.bn2.bias"] = torch.randn_like(target["backbone.bottom_up.res4.1.conv2.norm.bias"])
+    official["backbone.layer3.1.bn2.num_batches_tracked"] = torch.tensor(7)
+    return official
+
+
+def test_official_checkpoint_names(cfg, tmp_path):
+    assert os.path.exists(TSV), TSV
+    names = _official_names()
+    assert len(names) == 61  # 59 head and pixel-stream keys + mbrm.weight, mbrm.bias
+    unknown = [n for n in names if official_to_detectron2_name(n) is None]
+    assert not unknown
+    opts = SMALL + ["MODEL.FPN.NORM", "", "MODEL.RESNETS.NORM", "FrozenBN"]  # official FPN convs have biases
+    cfg = tiny_cfg(config_path(CONFIG), opts)
+    model = build_tiny_model(cfg)
+    official = _fake_official_state_dict(model)
+    path = str(tmp_path / "official.pth")
+    torch.save(official, path)  # the official file's ckpt["state_dict"]
+    DetectionCheckpointer(model).load(path)
+    state = model.state_dict()
+    for name, value in official.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        new = official_to_detectron2_name(name)
+        if new.startswith(("head.cls_score", "head.bbox_pred", "head.rep_pred")):
+            value = reorder_anchors(value, 3, 3)
+        assert torch.equal(state[new], value), name
+    # anchor order: Detectron2 anchor (size s, ratio r) = official anchor (ratio r, size s)
+    cls_official, cls = official["bbox_head.retina_cls.bias"].view(3, 3, 4), state["head.cls_score.bias"].view(3, 3, 4)
+    for s in range(3):
+        for r in range(3):
+            assert torch.equal(cls[s, r], cls_official[r, s])
+    # an unknown official-looking key is an error that names it
+    official["bbox_head.retina_iou.weight"] = torch.zeros(1)
+    torch.save(official, path)
+    with pytest.raises(KeyError, match="retina_iou"):
+        DetectionCheckpointer(build_tiny_model(cfg)).load(path)

@@ -117,6 +117,6 @@ class NLRoIBlock(nn.Module):
             affinity = affinity.masked_fill(is_padding[:, None, :], torch.finfo(affinity.dtype).min)
             attention = torch.softmax(affinity, dim=2)
             nonlocal_feature = torch.bmm(attention, padded(value))  # (B, max_count, Dg)
-        nonlocal_feature = nonlocal_feature.reshape(num_images * max_count, -1)[slot].to(x.dtype)  # (N, Dg)
+        nonlocal_feature = nonlocal_feature.reshape(num_images * max_count, self.g_channels)[slot].to(x.dtype)  # (N, Dg)
         tiled = nonlocal_feature[:, :, None, None].expand(-1, -1, height, width)
         return torch.cat([x, tiled], dim=1)

@@ -4,5 +4,6 @@ Importing the package registers its models with Detectron2's registries.
 """
 from . import condinst, fcos, solo  # noqa: F401  (registration)
 from .config import add_adet_lite_config
+from .solo import matrix_nms
 
-__all__ = ["add_adet_lite_config"]
+__all__ = ["add_adet_lite_config", "matrix_nms"]

@@ -1,0 +1,68 @@
+"""SOLO's per-image inference on the grid: candidates, mask thresholds, maskness, duplicate removal."""
+from dataclasses import dataclass
+
+import torch
+
+from .nms import mask_nms, matrix_nms
+
+NMS_TYPES = ("matrix", "mask")
+
+
+@dataclass
+class GridInferenceParams:
+    score_threshold: float  # category score, strict
+    mask_threshold: float  # mask probability, strict
+    nms_pre: int  # candidates kept for NMS
+    nms_type: str  # "matrix" or "mask"
+    nms_kernel: str  # Matrix NMS: "gaussian" or "linear"
+    nms_sigma: float
+    mask_nms_threshold: float  # greedy mask NMS IoU
+    update_threshold: float  # minimum score after Matrix NMS
+    max_per_image: int
+
+
+def select_instances(category_scores, level_strides, cell_mask_probs, params):
+    """Instances of one image from its (point-NMS'ed) category grids.
+
+    Args:
+        category_scores: per level (C, S_l, S_l) probabilities.
+        level_strides: per level stride; a mask must cover more pixels (at mask resolution) than it.
+        cell_mask_probs: ``f(levels (K,), cells (K,)) -> (K, h, w)`` mask probabilities of the given
+            cells, all at one resolution. Only candidate cells' masks are ever formed.
+        params: ``GridInferenceParams``.
+    Returns:
+        (soft masks (N, h, w), scores (N,), classes (N,)), by decreasing score.
+    """
+    num_classes = category_scores[0].shape[0]
+    device = category_scores[0].device
+    flat_scores = torch.cat([s.permute(1, 2, 0).reshape(-1, num_classes) for s in category_scores])
+    cell_level = torch.cat([torch.full((s.shape[1] * s.shape[2],), i, dtype=torch.int64, device=device)
+                            for i, s in enumerate(category_scores)])
+    cell_in_level = torch.cat([torch.arange(s.shape[1] * s.shape[2], device=device) for s in category_scores])
+    strides = torch.as_tensor(level_strides, dtype=torch.float32, device=device)
+
+    cell, classes = torch.nonzero(flat_scores > params.score_threshold, as_tuple=True)
+    scores = flat_scores[cell, classes]
+    levels = cell_level[cell]
+    masks = cell_mask_probs(levels, cell_in_level[cell])
+
+    binary = masks > params.mask_threshold
+    areas = binary.flatten(1).sum(dim=1).float()
+    keep = areas > strides[levels]
+    masks, binary, areas, scores, classes = masks[keep], binary[keep], areas[keep], scores[keep], classes[keep]
+    # "Maskness": mean probability inside the binary mask, so that unsure masks rank lower.
+    maskness = (masks * binary).flatten(1).sum(dim=1) / areas
+    scores = scores * maskness
+
+    order = torch.argsort(scores, descending=True, stable=True)[: params.nms_pre]
+    masks, binary, scores, classes = masks[order], binary[order], scores[order], classes[order]
+    if params.nms_type == "matrix":
+        scores = matrix_nms(binary, classes, scores, kernel=params.nms_kernel, sigma=params.nms_sigma)
+        keep = torch.nonzero(scores >= params.update_threshold).flatten()
+    elif params.nms_type == "mask":
+        keep = mask_nms(binary, classes, scores, iou_threshold=params.mask_nms_threshold)
+    else:
+        raise ValueError(f"NMS_TYPE must be one of {NMS_TYPES}, got {params.nms_type!r}")
+    masks, scores, classes = masks[keep], scores[keep], classes[keep]
+    order = torch.argsort(scores, descending=True, stable=True)[: params.max_per_image]
+    return masks[order], scores[order], classes[order]

@@ -1,0 +1,311 @@
+"""SOLO / Decoupled SOLO / Decoupled SOLO Light (``META_ARCHITECTURE: "SOLO"``, keys MODEL.SOLO) and
+SOLOv2 (``"SOLOv2"``, AdelaiDet's keys MODEL.SOLOV2)."""
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import BitMasks, ImageList, Instances
+
+from d2ext.layers import padded_bitmasks, postprocess_full_image_masks, rename_reference_keys
+
+from .category_branch import CategoryBranch
+from .checkpoint import reference_format, rename_reference_key
+from .inference import NMS_TYPES, GridInferenceParams, select_instances
+from .losses import solo_category_loss, solo_mask_loss
+from .nms import point_nms
+from .solo_mask_branch import DecoupledSOLOMaskBranch, SOLOMaskBranch
+from .solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
+from .targets import assign_grid_targets
+from .towers import resize_instance_levels
+
+SOLO_VARIANTS = ("SOLO", "DecoupledSOLO", "DecoupledSOLOLight")
+
+
+def _grid_options(node, node_name):
+    """Options common to MODEL.SOLO and MODEL.SOLOV2, validated with errors that name the key."""
+    num_levels = len(node.INSTANCE_IN_FEATURES)
+    for key in ("FPN_INSTANCE_STRIDES", "FPN_SCALE_RANGES", "NUM_GRIDS"):
+        if len(node[key]) != num_levels:
+            raise ValueError(f"{node_name}.{key} has {len(node[key])} entries but {node_name}.INSTANCE_IN_FEATURES "
+                             f"has {num_levels}: one per level is needed")
+    if not node.LOSS.FOCAL_USE_SIGMOID:
+        raise ValueError(f"{node_name}.LOSS.FOCAL_USE_SIGMOID=False (softmax focal loss) is not implemented")
+    if node.NMS_TYPE not in NMS_TYPES:
+        raise ValueError(f"{node_name}.NMS_TYPE must be one of {NMS_TYPES}, got {node.NMS_TYPE!r}")
+    if node.NMS_KERNEL not in ("gaussian", "linear"):
+        raise ValueError(f"{node_name}.NMS_KERNEL must be 'gaussian' or 'linear', got {node.NMS_KERNEL!r}")
+    if any(s <= 0 for s in node.NUM_GRIDS):
+        raise ValueError(f"{node_name}.NUM_GRIDS must be positive, got {list(node.NUM_GRIDS)}")
+    return {
+        "instance_in_features": list(node.INSTANCE_IN_FEATURES),
+        "instance_strides": list(node.FPN_INSTANCE_STRIDES),
+        "scale_ranges": [tuple(r) for r in node.FPN_SCALE_RANGES],
+        "num_grids": list(node.NUM_GRIDS),
+        "sigma": node.SIGMA,
+        "num_classes": node.NUM_CLASSES,
+        "focal_alpha": node.LOSS.FOCAL_ALPHA,
+        "focal_gamma": node.LOSS.FOCAL_GAMMA,
+        "focal_weight": node.LOSS.FOCAL_WEIGHT,
+        "dice_weight": node.LOSS.DICE_WEIGHT,
+        "inference_params": GridInferenceParams(
+            score_threshold=node.SCORE_THR, mask_threshold=node.MASK_THR, nms_pre=node.NMS_PRE,
+            nms_type=node.NMS_TYPE, nms_kernel=node.NMS_KERNEL, nms_sigma=node.NMS_SIGMA,
+            mask_nms_threshold=node.MASK_NMS_THR, update_threshold=node.UPDATE_THR,
+            max_per_image=node.MAX_PER_IMG),
+    }
+
+
+def _instance_channels(backbone, in_features, node_name):
+    shapes = backbone.output_shape()
+    missing = [f for f in in_features if f not in shapes]
+    if missing:
+        raise ValueError(f"{node_name}: features {missing} are not produced by the backbone "
+                         f"(it gives {sorted(shapes)})")
+    channels = {shapes[f].channels for f in in_features}
+    if len(channels) != 1:
+        raise ValueError(f"{node_name}: features {in_features} must have equal channels, got {channels}")
+    return channels.pop()
+
+
+@META_ARCH_REGISTRY.register()
+class SOLO(nn.Module):
+    """SOLO: an S x S grid per FPN level; each cell predicts the class and the mask of the instance whose
+    centre falls in it. The mask branch decides the variant (S^2 masks, decoupled X / Y masks, or
+    SOLOv2's dynamic kernels, see ``SOLOv2``)."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone,
+        category_branch,
+        mask_branch,
+        instance_in_features,
+        instance_strides,
+        scale_ranges,
+        num_grids,
+        sigma,
+        num_classes,
+        mask_target_strides,
+        deduplicate_cells,
+        focal_alpha,
+        focal_gamma,
+        focal_weight,
+        dice_weight,
+        inference_params,
+        pixel_mean,
+        pixel_std,
+    ):
+        """
+        Args:
+            mask_branch: module with ``forward(level_features, features) -> outputs``,
+                ``mask_sizes(outputs)`` and ``mask_probs(outputs, image, level, cells, size)``.
+            mask_target_strides: per level, the stride of the predicted masks on the input image.
+            deduplicate_cells: one positive per cell (SOLO) or one per (instance, cell) pair (SOLOv2).
+            The others: see ``add_solo_config``.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.category_branch = category_branch
+        self.mask_branch = mask_branch
+        self.instance_in_features = instance_in_features
+        self.instance_strides = instance_strides
+        self.scale_ranges = scale_ranges
+        self.num_grids = num_grids
+        self.sigma = sigma
+        self.num_classes = num_classes
+        self.mask_target_strides = mask_target_strides
+        self.deduplicate_cells = deduplicate_cells
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.focal_weight = focal_weight
+        self.dice_weight = dice_weight
+        self.inference_params = inference_params
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        node = cfg.MODEL.SOLO
+        if node.VARIANT not in SOLO_VARIANTS:
+            raise ValueError(f"MODEL.SOLO.VARIANT must be one of {SOLO_VARIANTS}, got {node.VARIANT!r}")
+        backbone = build_backbone(cfg)
+        options = _grid_options(node, "MODEL.SOLO")
+        in_channels = _instance_channels(backbone, options["instance_in_features"], "MODEL.SOLO.INSTANCE_IN_FEATURES")
+        tower = dict(in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
+                     norm=node.NORM, num_grids=node.NUM_GRIDS, prior_prob=node.PRIOR_PROB)
+        if node.VARIANT == "SOLO":
+            mask_branch = SOLOMaskBranch(**tower)
+        else:
+            mask_branch = DecoupledSOLOMaskBranch(**tower, shared_tower=node.VARIANT == "DecoupledSOLOLight")
+        return {
+            **options,
+            "backbone": backbone,
+            "category_branch": CategoryBranch(**tower, num_classes=node.NUM_CLASSES),
+            "mask_branch": mask_branch,
+            # The mask branch upsamples each level x2: masks at half the level's stride.
+            "mask_target_strides": [s / 2 for s in node.FPN_INSTANCE_STRIDES],
+            "deduplicate_cells": True,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Released mmdetection / AdelaiDet checkpoints load as they are: their keys are renamed here.
+        local_keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+        source = reference_format(local_keys)
+        if source is not None:
+            dropped = {k for k in local_keys if rename_reference_key(k, source) == ""}
+            rename_reference_keys(self, state_dict, prefix, lambda key: rename_reference_key(key, source),
+                                  error_msgs, source, ignored=dropped)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def preprocess_image(self, batched_inputs):
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        # Newer Detectron2 backbones may carry padding constraints; v0.6 has only size_divisibility.
+        constraints = getattr(self.backbone, "padding_constraints", None)
+        extra = {"padding_constraints": constraints} if constraints is not None else {}
+        return ImageList.from_tensors(images, self.backbone.size_divisibility, **extra)
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """Detectron2's model interface: losses in training, ``[{"instances": Instances}]`` at test,
+        with ``pred_masks`` (N, H, W) bool at the original image size and ``pred_boxes`` derived from them."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        level_features = resize_instance_levels([features[f] for f in self.instance_in_features])
+        category_logits = self.category_branch(level_features)
+        mask_outputs = self.mask_branch(level_features, features)
+        if self.training:
+            for x in batched_inputs:
+                if "instances" not in x:
+                    raise ValueError("SOLO training needs 'instances' in every input (use a dataset mapper "
+                                     "with is_train=True)")
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+            return self.losses(category_logits, mask_outputs, gt_instances, images.tensor.shape[-2:])
+        results = self.inference(category_logits, mask_outputs, images)
+        processed = []
+        for result, input_per_image, image_size in zip(results, batched_inputs, images.image_sizes):
+            height = input_per_image.get("height", image_size[0])
+            width = input_per_image.get("width", image_size[1])
+            processed.append({"instances": self.postprocess(result, height, width)})
+        return processed
+
+    def losses(self, category_logits, mask_outputs, gt_instances, padded_size):
+        mask_sizes = self.mask_branch.mask_sizes(mask_outputs)
+        category_labels = [[] for _ in self.num_grids]
+        mask_probs, mask_targets = [], []
+        num_positives = 0
+        for image, instances in enumerate(gt_instances):
+            if not instances.has("gt_masks"):
+                raise ValueError("SOLO trains on instance masks but the inputs have no 'gt_masks': give the dataset "
+                                 "'segmentation' annotations (INPUT.MASK_FORMAT polygon or bitmask)")
+            targets = assign_grid_targets(
+                padded_bitmasks(instances.gt_masks, padded_size, device=self.device),
+                instances.gt_boxes.tensor, instances.gt_classes,
+                num_classes=self.num_classes, num_grids=self.num_grids, scale_ranges=self.scale_ranges,
+                sigma=self.sigma, mask_sizes=mask_sizes, mask_strides=self.mask_target_strides,
+                deduplicate_cells=self.deduplicate_cells)
+            for level, level_targets in enumerate(targets):
+                category_labels[level].append(level_targets.labels)
+                mask_probs.append(self.mask_branch.mask_probs(mask_outputs, image, level, level_targets.cells))
+                mask_targets.append(level_targets.masks)
+                num_positives += level_targets.cells.numel()
+        category_labels = [torch.stack(labels) for labels in category_labels]
+        return {
+            "loss_mask": solo_mask_loss(mask_probs, mask_targets, num_positives, self.dice_weight),
+            "loss_cls": solo_category_loss(category_logits, category_labels, num_positives,
+                                           self.focal_alpha, self.focal_gamma, self.focal_weight),
+        }
+
+    @torch.no_grad()
+    def inference(self, category_logits, mask_outputs, images):
+        """Per image: ``Instances`` at the input size (before padding) with soft ``pred_masks`` (N, h, w),
+        ``scores``, ``pred_classes`` and ``pred_boxes`` of the binary masks."""
+        category_scores = [point_nms(x.sigmoid()) for x in category_logits]
+        # Every level's masks are compared at the finest level's mask resolution (stride 4).
+        size = self.mask_branch.mask_sizes(mask_outputs)[0]
+        padded_h, padded_w = images.tensor.shape[-2:]
+        results = []
+        for image, (height, width) in enumerate(images.image_sizes):
+
+            def cell_mask_probs(levels, cells, image=image):
+                masks = torch.zeros((cells.numel(), *size), device=self.device)
+                for level in torch.unique(levels).tolist():
+                    selected = levels == level
+                    masks[selected] = self.mask_branch.mask_probs(mask_outputs, image, level, cells[selected], size)
+                return masks
+
+            masks, scores, classes = select_instances(
+                [s[image] for s in category_scores], self.instance_strides, cell_mask_probs, self.inference_params)
+            # Only the kept instances are upsampled: to the padded input, then cropped to the image.
+            if masks.shape[0] > 0:
+                masks = F.interpolate(masks[:, None], size=(padded_h, padded_w), mode="bilinear",
+                                      align_corners=False)[:, 0, :height, :width]
+            else:
+                masks = masks.new_zeros((0, height, width))
+            result = Instances((height, width))
+            result.pred_masks = masks
+            result.scores = scores
+            result.pred_classes = classes
+            result.pred_boxes = BitMasks(masks > self.inference_params.mask_threshold).get_bounding_boxes().to(self.device)
+            results.append(result)
+        return results
+
+    def postprocess(self, result, height, width):
+        """To the original image size; boxes re-derived from the final masks; empty masks dropped."""
+        result = postprocess_full_image_masks(result, height, width, self.inference_params.mask_threshold)
+        result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes().to(self.device)
+        return result[result.pred_masks.flatten(1).any(dim=1)]
+
+
+@META_ARCH_REGISTRY.register()
+class SOLOv2(SOLO):
+    """SOLOv2 (AdelaiDet's config keys MODEL.SOLOV2): each cell predicts a 1x1 kernel applied to unified
+    stride-4 mask features; positives are (instance, cell) pairs."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        node = cfg.MODEL.SOLOV2
+        backbone = build_backbone(cfg)
+        options = _grid_options(node, "MODEL.SOLOV2")
+        in_channels = _instance_channels(backbone, options["instance_in_features"], "MODEL.SOLOV2.INSTANCE_IN_FEATURES")
+        mask_in_channels = _instance_channels(backbone, node.MASK_IN_FEATURES, "MODEL.SOLOV2.MASK_IN_FEATURES")
+        if in_channels != node.INSTANCE_IN_CHANNELS:
+            raise ValueError(f"MODEL.SOLOV2.INSTANCE_IN_CHANNELS={node.INSTANCE_IN_CHANNELS} but the backbone's "
+                             f"instance features have {in_channels} channels")
+        if mask_in_channels != node.MASK_IN_CHANNELS:
+            raise ValueError(f"MODEL.SOLOV2.MASK_IN_CHANNELS={node.MASK_IN_CHANNELS} but the backbone's "
+                             f"mask features have {mask_in_channels} channels")
+        if node.NUM_MASKS != node.NUM_KERNELS:
+            raise ValueError(f"MODEL.SOLOV2.NUM_MASKS ({node.NUM_MASKS}) must equal NUM_KERNELS ({node.NUM_KERNELS}): "
+                             "kernels are 1x1 convs over the mask features")
+        mask_stride = backbone.output_shape()[node.MASK_IN_FEATURES[0]].stride
+        kernel_branch = KernelBranch(
+            in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
+            norm=node.NORM, num_grids=node.NUM_GRIDS, num_kernels=node.NUM_KERNELS,
+            use_coordinates=node.USE_COORD_CONV)
+        feature_branch = MaskFeatureBranch(
+            in_channels=mask_in_channels, channels=node.MASK_CHANNELS, out_channels=node.NUM_MASKS,
+            num_levels=len(node.MASK_IN_FEATURES), norm=node.NORM, use_coordinates=node.USE_COORD_CONV)
+        return {
+            **options,
+            "backbone": backbone,
+            "category_branch": CategoryBranch(
+                in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
+                norm=node.NORM, num_classes=node.NUM_CLASSES, num_grids=node.NUM_GRIDS, prior_prob=node.PRIOR_PROB),
+            "mask_branch": SOLOv2MaskBranch(kernel_branch=kernel_branch, feature_branch=feature_branch,
+                                            mask_in_features=node.MASK_IN_FEATURES),
+            "mask_target_strides": [mask_stride] * len(node.NUM_GRIDS),
+            "deduplicate_cells": False,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }

@@ -1,0 +1,88 @@
+"""Duplicate removal for grid-based instance segmentation: point NMS on the category grid, Matrix NMS
+(SOLOv2) and greedy mask NMS."""
+import torch
+import torch.nn.functional as F
+
+_MATRIX_NMS_KERNELS = ("gaussian", "linear")
+
+
+def point_nms(category_scores):
+    """Keep the local maxima of the category grid (a 2x2 max-pool window ending at each cell).
+
+    Args:
+        category_scores: (B, C, S, S) probabilities.
+    Returns:
+        (B, C, S, S): the scores where a cell is a maximum of its 2x2 window (ties kept), else 0.
+    """
+    window_max = F.max_pool2d(category_scores, kernel_size=2, stride=1, padding=1)
+    # padding=1 gives an (S+1, S+1) map; entry (i, j) covers cells (i-1..i, j-1..j).
+    keep = window_max[..., :-1, :-1] == category_scores
+    return category_scores * keep
+
+
+def mask_iou_matrix(masks):
+    """IoU of every pair of binary masks: (N, H, W) -> (N, N). Empty pairs have IoU 0."""
+    flat = masks.flatten(1).float()
+    intersection = flat @ flat.T
+    areas = flat.sum(dim=1)
+    union = areas[:, None] + areas[None, :] - intersection
+    return intersection / union.clamp(min=1.0)
+
+
+def matrix_nms(masks, labels, scores, kernel="gaussian", sigma=2.0):
+    """Matrix NMS (SOLOv2): decay each score by its overlap with higher-scored masks of its class.
+
+    With masks sorted by decreasing score, IoU_ij counts only pairs i < j of the same label (else 0),
+    compensation_i = max_k IoU_ki (how much i itself is suppressed), and
+    ``decay_j = min_i f(IoU_ij) / f(compensation_i)`` over all i, with
+    f(x) = exp(-sigma * x^2) ("gaussian") or 1 - x ("linear").
+
+    Args:
+        masks: (N, H, W) binary masks (bool or 0/1).
+        labels: (N,) class indices.
+        scores: (N,) scores.
+    Returns:
+        (N,) decayed scores, in the input order.
+    """
+    if kernel not in _MATRIX_NMS_KERNELS:
+        raise ValueError(f"matrix_nms: kernel must be one of {_MATRIX_NMS_KERNELS}, got {kernel!r}")
+    if not (masks.shape[0] == labels.shape[0] == scores.shape[0]):
+        raise ValueError(f"matrix_nms: {masks.shape[0]} masks, {labels.shape[0]} labels, "
+                         f"{scores.shape[0]} scores")
+    num = scores.shape[0]
+    if num == 0:
+        return scores.clone()
+    order = torch.argsort(scores, descending=True, stable=True)
+    sorted_labels = labels[order]
+    same_label = sorted_labels[:, None] == sorted_labels[None, :]
+    iou = (mask_iou_matrix(masks[order]) * same_label).triu(diagonal=1)
+    compensation = iou.max(dim=0).values[:, None]  # (N, 1): row i holds compensation_i
+    if kernel == "gaussian":
+        ratio = torch.exp(-sigma * (iou ** 2 - compensation ** 2))
+    else:
+        # An exact duplicate (compensation 1) must not divide by zero.
+        ratio = (1 - iou) / (1 - compensation).clamp(min=1e-6)
+    decay = ratio.min(dim=0).values
+    decayed = torch.empty_like(scores)
+    decayed[order] = scores[order] * decay
+    return decayed
+
+
+def mask_nms(masks, labels, scores, iou_threshold=0.5):
+    """Greedy mask NMS: visit masks by decreasing score, drop later same-class masks with IoU > threshold.
+
+    Args:
+        masks: (N, H, W) binary masks; labels: (N,); scores: (N,).
+    Returns:
+        (K,) indices (into the inputs) of the kept masks, by decreasing score.
+    """
+    order = torch.argsort(scores, descending=True, stable=True)
+    sorted_labels = labels[order]
+    same_label = sorted_labels[:, None] == sorted_labels[None, :]
+    suppresses = ((mask_iou_matrix(masks[order]) > iou_threshold) & same_label).triu(diagonal=1)
+    suppressed = torch.zeros(order.shape[0], dtype=torch.bool, device=scores.device)
+    # Sequential by definition: whether i suppresses others depends on whether i itself survived.
+    for i in range(order.shape[0]):
+        if not suppressed[i]:
+            suppressed |= suppresses[i]
+    return order[~suppressed]

@@ -1,0 +1,38 @@
+def rename_reference_keys(module, state_dict, prefix, rename, error_msgs, source, ignored=()):
+    """Rename, in place, a reference implementation's checkpoint keys under ``prefix`` to ``module``'s names.
+
+    Meant for ``module._load_from_state_dict`` (versioned state-dict upgrade, as in Detectron2's
+    PointRend), so that Detectron2's own ``DetectionCheckpointer(model).load(path)`` loads released
+    checkpoints. Keys already in ``module``'s names pass unchanged.
+
+    Args:
+        module: the ``nn.Module`` that owns every key under ``prefix``.
+        state_dict: the state dict being loaded (modified in place).
+        prefix: ``module``'s prefix in ``state_dict`` (ends with ".", or "" for the root).
+        rename: ``f(local_name) -> own local name``, or None when ``local_name`` is not a reference name.
+        error_msgs: the list given to ``_load_from_state_dict``; ``load_state_dict`` raises its entries.
+            An unknown key, or a renamed tensor whose shape differs from the module's, is an entry
+            naming the checkpoint key.
+        source: name of the reference implementation, for the messages.
+        ignored: local names of the reference that carry no weights here (dropped).
+    """
+    own_shapes = {name: tuple(value.shape) for name, value in module.state_dict().items()}
+    for key in [k for k in state_dict.keys() if k.startswith(prefix)]:
+        local = key[len(prefix):]
+        if local in own_shapes:
+            continue
+        if local in ignored:
+            del state_dict[key]
+            continue
+        new_local = rename(local)
+        if new_local is None or new_local not in own_shapes:
+            error_msgs.append(f"unknown key {key!r} in the {source} checkpoint")
+            continue
+        value = state_dict.pop(key)
+        if tuple(value.shape) != own_shapes[new_local]:
+            error_msgs.append(
+                f"{source} key {key!r} (loaded as {prefix + new_local!r}) has shape {tuple(value.shape)} "
+                f"in the checkpoint but {own_shapes[new_local]} in the model"
+            )
+            continue
+        state_dict[prefix + new_local] = value

@@ -1,0 +1,190 @@
+"""SOLO family pieces against loop-based references written here (not the vectorised code)."""
+import math
+
+import pytest
+import torch
+
+from adet_lite.solo import mask_nms, matrix_nms, point_nms
+from adet_lite.solo.losses import solo_mask_loss
+from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
+from adet_lite.solo.targets import assign_grid_targets
+
+
+def _iou(a, b):
+    inter = (a & b).sum().item()
+    union = (a | b).sum().item()
+    return inter / union if union else 0.0
+
+
+def _random_masks(num, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(num, size, size, dtype=torch.bool)
+    for i in range(num):
+        x0, y0 = torch.randint(0, size - 4, (2,), generator=g).tolist()
+        w, h = torch.randint(3, 8, (2,), generator=g).tolist()
+        masks[i, y0:y0 + h, x0:x0 + w] = True
+    return masks
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "linear"])
+def test_matrix_nms_matches_pairwise_loop(kernel):
+    masks = _random_masks(14)
+    masks[5] = masks[2]  # an exact duplicate
+    labels = torch.tensor([0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 1, 0, 0, 1])
+    scores = torch.rand(14, generator=torch.Generator().manual_seed(1))
+    sigma = 2.0
+    decayed = matrix_nms(masks, labels, scores, kernel=kernel, sigma=sigma)
+
+    order = sorted(range(14), key=lambda i: -scores[i].item())
+    n = len(order)
+    iou = [[0.0] * n for _ in range(n)]  # iou[a][b]: a ranked above b, same label
+    for a in range(n):
+        for b in range(a + 1, n):
+            if labels[order[a]] == labels[order[b]]:
+                iou[a][b] = _iou(masks[order[a]], masks[order[b]])
+    compensation = [max(iou[k][a] for k in range(n)) for a in range(n)]
+    f = (lambda x: math.exp(-sigma * x * x)) if kernel == "gaussian" else (lambda x: 1 - x)
+    for b in range(n):
+        ratios = []
+        for a in range(n):
+            denominator = max(f(compensation[a]), 1e-6) if kernel == "linear" else f(compensation[a])
+            ratios.append(f(iou[a][b]) / denominator)
+        expected = scores[order[b]].item() * min(ratios)
+        assert decayed[order[b]].item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    # The top-scored mask is never decayed; the duplicate of a higher mask is decayed.
+    assert decayed[order[0]] == scores[order[0]]
+    assert decayed[5] < scores[5] or decayed[2] < scores[2]
+
+
+def test_matrix_nms_empty_and_bad_kernel():
+    empty = matrix_nms(torch.zeros(0, 4, 4, dtype=torch.bool), torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    assert empty.shape == (0,)
+    with pytest.raises(ValueError, match="kernel"):
+        matrix_nms(_random_masks(2), torch.zeros(2, dtype=torch.long), torch.rand(2), kernel="box")
+
+
+def test_mask_nms_matches_greedy_loop():
+    masks = _random_masks(20, seed=3)
+    labels = torch.randint(0, 2, (20,), generator=torch.Generator().manual_seed(4))
+    scores = torch.rand(20, generator=torch.Generator().manual_seed(5))
+    kept = mask_nms(masks, labels, scores, iou_threshold=0.3).tolist()
+    expected = []
+    for i in sorted(range(20), key=lambda i: -scores[i].item()):
+        if all(labels[j] != labels[i] or _iou(masks[i], masks[j]) <= 0.3 for j in expected):
+            expected.append(i)
+    assert kept == expected
+
+
+def test_point_nms_keeps_maxima_of_2x2_windows_ending_at_each_cell():
+    scores = torch.rand(1, 2, 6, 6, generator=torch.Generator().manual_seed(6))
+    scores[0, 0, 2, 2] = scores[0, 0, 2, 3] = 0.99  # a tie
+    out = point_nms(scores)
+    for c in range(2):
+        for i in range(6):
+            for j in range(6):
+                window = [scores[0, c, a, b].item() for a in (i - 1, i) for b in (j - 1, j) if a >= 0 and b >= 0]
+                expected = scores[0, c, i, j].item() if scores[0, c, i, j].item() >= max(window) else 0.0
+                assert out[0, c, i, j].item() == pytest.approx(expected)
+    assert out[0, 0, 2, 2] == 0.99 and out[0, 0, 2, 3] == 0.99
+
+
+def test_dice_mask_loss_reference_form():
+    probs = torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(7))
+    targets = (torch.rand(3, 5, 5, generator=torch.Generator().manual_seed(8)) > 0.5).float()
+    loss = solo_mask_loss([probs], [targets], num_positives=3, weight=3.0)
+    expected = 0.0
+    for k in range(3):
+        p, t = probs[k].flatten().tolist(), targets[k].flatten().tolist()
+        inter = sum(a * b for a, b in zip(p, t))
+        expected += 1 - 2 * inter / (sum(a * a for a in p) + 1e-3 + sum(b * b for b in t) + 1e-3)
+    assert loss.item() == pytest.approx(3.0 * expected / 3, rel=1e-5)
+    # No positive: zero, but still a tensor connected to the predictions.
+    none = solo_mask_loss([probs[:0].requires_grad_()], [targets[:0]], num_positives=0, weight=3.0)
+    assert none.item() == 0.0 and none.requires_grad
+
+
+def _reference_grid_targets(masks, boxes, classes, num_grid, low, high, sigma, deduplicate):
+    """Straightforward per-instance loops (row-major cells; later instances overwrite)."""
+    height, width = masks.shape[-2:]
+    labels = {}
+    pairs = []
+    for n in range(masks.shape[0]):
+        x1, y1, x2, y2 = boxes[n].tolist()
+        scale = math.sqrt((x2 - x1) * (y2 - y1))
+        if not (low <= scale <= high) or masks[n].sum() == 0:
+            continue
+        ys, xs = torch.nonzero(masks[n], as_tuple=True)
+        cy, cx = ys.float().mean().item(), xs.float().mean().item()
+        cell = lambda v, extent: int((v / extent) / (1.0 / num_grid))  # noqa: E731 (trunc as the reference)
+        ci, cj = cell(cy, height), cell(cx, width)
+        hh, hw = 0.5 * (y2 - y1) * sigma, 0.5 * (x2 - x1) * sigma
+        top = max(max(0, cell(cy - hh, height)), ci - 1)
+        bottom = min(min(num_grid - 1, cell(cy + hh, height)), ci + 1)
+        left = max(max(0, cell(cx - hw, width)), cj - 1)
+        right = min(min(num_grid - 1, cell(cx + hw, width)), cj + 1)
+        for i in range(top, bottom + 1):
+            for j in range(left, right + 1):
+                labels[i * num_grid + j] = (int(classes[n]), n)
+                pairs.append((i * num_grid + j, n))
+    if deduplicate:
+        pairs = sorted((c, n) for c, (_, n) in labels.items())
+    return {c: lab for c, (lab, _) in labels.items()}, pairs
+
+
+@pytest.mark.parametrize("deduplicate", [True, False])
+def test_grid_assignment_matches_loop_reference(deduplicate):
+    size = 64
+    masks = torch.zeros(5, size, size, dtype=torch.bool)
+    masks[0, 10:30, 8:40] = True          # big box
+    masks[1, 12:20, 10:18] = True         # small, overlapping the first one's centre region
+    masks[2, 40:60, 40:44] = True         # thin
+    masks[2, 40:44, 44:60] = True         # L-shape: centre of mass off the box centre
+    masks[3, 25:29, 20:24] = True         # overwrites part of 0's cells (later instance)
+    # 4: empty mask (degenerate): trains nothing
+    boxes = torch.tensor([[8, 10, 40, 30], [10, 12, 18, 20], [40, 40, 60, 60], [20, 25, 24, 29], [1, 1, 9, 9]],
+                         dtype=torch.float32)
+    classes = torch.tensor([0, 1, 2, 3, 1])
+    grids, ranges = [8, 6], [(1, 12), (8, 64)]
+    targets = assign_grid_targets(masks, boxes, classes, num_classes=4, num_grids=grids, scale_ranges=ranges,
+                                  sigma=0.5, mask_sizes=[(16, 16), (8, 8)], mask_strides=[4, 8],
+                                  deduplicate_cells=deduplicate)
+    for level, (num_grid, (low, high)) in enumerate(zip(grids, ranges)):
+        expected_labels, expected_pairs = _reference_grid_targets(
+            masks, boxes, classes, num_grid, low, high, 0.5, deduplicate)
+        labels = targets[level].labels
+        for c in range(num_grid * num_grid):
+            assert labels[c].item() == expected_labels.get(c, 4), (level, c)
+        got_pairs = list(zip(targets[level].cells.tolist(), targets[level].gt_indices.tolist()))
+        assert got_pairs == expected_pairs
+        stride = [4, 8][level]
+        for k, (_, n) in enumerate(got_pairs):
+            down = torch.nn.functional.interpolate(masks[n][None, None].float(), scale_factor=1 / stride,
+                                                   mode="bilinear", align_corners=False)[0, 0] >= 0.5
+            assert torch.equal(targets[level].masks[k].bool(), down)
+    # Level 0 sees instances 1 and 3 (scale 8 and 4), level 1 sees 0, 1 and 2 (ranges overlap).
+    assert set(targets[0].gt_indices.tolist()) == {1, 3}
+    assert set(targets[1].gt_indices.tolist()) == {0, 1, 2}
+    # Cell (1, 1) of level 1 is in both 0's and 1's regions: the later instance (1) wins it.
+    assert targets[1].labels[1 * 6 + 1].item() == 1
+
+
+def test_grid_assignment_without_instances():
+    targets = assign_grid_targets(torch.zeros(0, 32, 32, dtype=torch.bool), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
+                                  num_classes=3, num_grids=[4], scale_ranges=[(1, 64)], sigma=0.2,
+                                  mask_sizes=[(8, 8)], mask_strides=[4], deduplicate_cells=True)
+    assert (targets[0].labels == 3).all() and targets[0].masks.shape == (0, 8, 8)
+
+
+@pytest.mark.parametrize("shared_tower", [False, True])
+def test_decoupled_cell_mask_is_row_y_times_column_x(shared_tower):
+    torch.manual_seed(0)
+    branch = DecoupledSOLOMaskBranch(in_channels=8, channels=8, num_convs=1, norm="", num_grids=[5, 3],
+                                     prior_prob=0.01, shared_tower=shared_tower)
+    outputs = branch([torch.randn(2, 8, 6, 7), torch.randn(2, 8, 3, 4)])
+    assert outputs[0][0].shape == (2, 5, 12, 14) and outputs[1][1].shape == (2, 3, 6, 8)
+    cells = torch.tensor([0, 4, 7, 13, 24])
+    probs = branch.mask_probs(outputs, 1, 0, cells)
+    for k, cell in enumerate(cells.tolist()):
+        row, col = cell // 5, cell % 5
+        expected = outputs[0][1][1, row].sigmoid() * outputs[0][0][1, col].sigmoid()
+        assert torch.allclose(probs[k], expected)

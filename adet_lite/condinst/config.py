@@ -6,7 +6,7 @@ def add_condinst_config(cfg):
     cfg.MODEL.CONDINST = CN()
     _C = cfg.MODEL.CONDINST
     _C.MASK_OUT_STRIDE = 4  # stride of the dynamic mask head's output (and of the mask targets)
-    _C.BOTTOM_PIXELS_REMOVED = -1  # ignore this many bottom image rows in the mask targets (-1: none)
+    _C.BOTTOM_PIXELS_REMOVED = -1  # AdelaiDet compatibility: must stay -1 (BoxInst uses MODEL.BOXINST.*)
     _C.MAX_PROPOSALS = -1  # training: at most this many positives (random) per batch get masks (-1: all)
     _C.TOPK_PROPOSALS_PER_IM = -1  # training: else top-k positives per image, shared among its objects
 
@@ -26,8 +26,8 @@ def add_condinst_config(cfg):
 
     cfg.MODEL.BOXINST = CN()
     _B = cfg.MODEL.BOXINST
-    _B.ENABLED = False  # box-supervised training (BoxInst; not built here: error when True)
-    _B.BOTTOM_PIXELS_REMOVED = 10  # BoxInst: bottom rows ignored
+    _B.ENABLED = False  # BoxInst: train CondInst from boxes only (projection + pairwise losses)
+    _B.BOTTOM_PIXELS_REMOVED = 10  # BoxInst: bottom image rows (original resolution) left out of the pairwise loss
     _B.PAIRWISE = CN()
     _B.PAIRWISE.SIZE = 3  # BoxInst: pairwise neighbourhood size
     _B.PAIRWISE.DILATION = 2  # BoxInst: pairwise neighbourhood dilation

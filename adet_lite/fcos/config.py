@@ -25,7 +25,7 @@ def add_fcos_config(cfg):
     _C.LOSS_NORMALIZER_CLS = "fg"  # classification loss normaliser: "fg", "moving_fg" or "all"
     _C.LOSS_WEIGHT_CLS = 1.0  # weight of the classification loss
     _C.SIZES_OF_INTEREST = [64, 128, 256, 512]  # max regression distance bounds between levels (px)
-    _C.USE_RELU = True  # regression = relu(scale * x); False: plain scale * x
+    _C.USE_RELU = True  # regression = relu(scale * x); False: exp(scale * x)
     _C.USE_DEFORMABLE = False  # deformable conv in the towers (not supported here: error)
     _C.NUM_CLS_CONVS = 4  # convs of the classification tower
     _C.NUM_BOX_CONVS = 4  # convs of the box tower
@@ -34,6 +34,6 @@ def add_fcos_config(cfg):
     _C.POS_RADIUS = 1.5  # centre-sampling radius, in strides of the level
     _C.LOC_LOSS_TYPE = "giou"  # box loss: "giou", "iou" (-log IoU) or "linear_iou" (1 - IoU)
     _C.YIELD_PROPOSAL = False  # also decode detections in training (returned as proposals)
-    _C.YIELD_BOX_FEATURES = False  # also return the box-tower features (for heads built on FCOS)
+    _C.YIELD_BOX_FEATURES = False  # AdelaiDet compatibility: FCOS.predict() always returns the box towers
     _C.BOX_QUALITY = "ctrness"  # quality branch target: "ctrness" (centerness) or "iou"
     return cfg

@@ -1,0 +1,76 @@
+"""FCOS inference: per-level candidates, sqrt(cls * centerness) scores, class-aware NMS, per-image cap."""
+from typing import List, Optional
+
+import torch
+from detectron2.layers import batched_nms
+from detectron2.structures import Boxes, Instances
+
+
+def keep_top_scores(scores, max_detections):
+    """Indices of the scores >= the ``max_detections``-th largest (ties at the cut-off all kept), in order."""
+    if scores.numel() <= max_detections:
+        return torch.arange(scores.numel(), device=scores.device)
+    cutoff = scores.kthvalue(scores.numel() - max_detections + 1).values
+    return torch.nonzero(scores >= cutoff).squeeze(1)
+
+
+def fcos_inference_single_image(logits: List[torch.Tensor], box_reg: List[torch.Tensor],
+                                quality: List[torch.Tensor], locations: List[torch.Tensor],
+                                strides: List[int], image_size, top_feats: Optional[List[torch.Tensor]] = None, *,
+                                score_thresh, topk_candidates, nms_thresh, max_detections, thresh_with_ctr):
+    """Detections of one image.
+
+    Args:
+        logits: per level, (Rl, C) classification logits.
+        box_reg: per level, (Rl, 4) (l, t, r, b) in units of the level's stride.
+        quality: per level, (Rl,) centerness logits.
+        locations: per level, (Rl, 2) (x, y) image coordinates.
+        strides: per level, its stride.
+        image_size: (h, w) of the input image (the size of the returned ``Instances``).
+        top_feats: per level, (Rl, K) per-location features of a module built on FCOS (CondInst's
+            dynamic-head parameters), carried to the detections as ``top_feat``.
+        score_thresh: candidates need sigmoid(cls) (times sigmoid(ctr) with ``thresh_with_ctr``) above it.
+        topk_candidates: at most this many candidates per level.
+    Returns:
+        ``Instances`` with ``pred_boxes``, ``scores`` (sqrt(cls * ctr)), ``pred_classes``,
+        ``locations``, ``fpn_levels`` (and ``top_feat``), sorted by decreasing score, at most about
+        ``max_detections`` (score ties at the cut-off are kept).
+    """
+    boxes_all, scores_all, classes_all, locations_all, levels_all, feats_all = [], [], [], [], [], []
+    for level, (logits_l, reg_l, quality_l, loc_l, stride) in enumerate(
+            zip(logits, box_reg, quality, locations, strides)):
+        probs = logits_l.sigmoid()
+        ctr = quality_l.sigmoid()[:, None]
+        if thresh_with_ctr:
+            probs = probs * ctr
+        candidates = probs > score_thresh
+        if not thresh_with_ctr:
+            probs = probs * ctr
+        scores = probs[candidates]
+        loc_inds, class_inds = candidates.nonzero(as_tuple=True)
+        if scores.numel() > topk_candidates:
+            scores, order = scores.topk(topk_candidates, sorted=False)
+            loc_inds, class_inds = loc_inds[order], class_inds[order]
+        distances = reg_l[loc_inds] * stride
+        points = loc_l[loc_inds]
+        boxes_all.append(torch.cat((points - distances[:, :2], points + distances[:, 2:]), dim=1))
+        scores_all.append(torch.sqrt(scores))
+        classes_all.append(class_inds)
+        locations_all.append(points)
+        levels_all.append(torch.full_like(class_inds, level))
+        if top_feats is not None:
+            feats_all.append(top_feats[level][loc_inds])
+
+    boxes, scores, classes = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(classes_all)
+    keep = batched_nms(boxes, scores, classes, nms_thresh)
+    keep = keep[keep_top_scores(scores[keep], max_detections)]
+
+    result = Instances(image_size)
+    result.pred_boxes = Boxes(boxes[keep])
+    result.scores = scores[keep]
+    result.pred_classes = classes[keep]
+    result.locations = torch.cat(locations_all)[keep]
+    result.fpn_levels = torch.cat(levels_all)[keep]
+    if top_feats is not None:
+        result.top_feat = torch.cat(feats_all)[keep]
+    return result

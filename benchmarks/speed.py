@@ -71,7 +71,7 @@ def main():
             rows.append({"name": name, "mode": mode, "seconds": seconds, "memory_mb": memory})
             print(f"{name} {mode}: {seconds:.3f} s, {memory:.0f} MB", file=sys.stderr, flush=True)
     print(f"command: {command_line()}")
-    print(f"machine: {machine_description(args.device)}")
+    print(f"machine: {machine_description(args.device, args.threads)}")
     print(f"input: {args.size[0]}x{args.size[1]} (short x max side), batch {args.batch_size}, "
           f"median of {args.iters} after {args.warmup} warm-up")
     print(format_table(rows, BASELINE))

@@ -17,9 +17,11 @@ from detectron2.utils.events import EventStorage
 BASELINE_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 
 
-def machine_description(device):
+def machine_description(device, threads=0):
+    """``threads``: the torch thread count the measurements used (0: torch's default here)."""
+    threads = threads or torch.get_num_threads()
     parts = [platform.node() or "unknown-host", platform.machine(), f"{os.cpu_count()} CPUs",
-             f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+             f"torch {torch.__version__} ({threads} threads)"]
     if device.startswith("cuda"):
         parts.append(torch.cuda.get_device_name(device))
     return ", ".join(parts)

@@ -10,7 +10,7 @@ from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.structures import Instances
 
-from d2ext.layers import aligned_bilinear, rename_reference_keys
+from d2ext.layers import ReferenceCheckpointMixin, aligned_bilinear
 
 
 def _conv_norm_relu(in_channels, out_channels, norm):
@@ -40,13 +40,14 @@ def semantic_targets(gt_instances: List[Instances], num_classes, stride):
     return torch.stack(targets)
 
 
-class MaskBranch(nn.Module):
+class MaskBranch(ReferenceCheckpointMixin, nn.Module):
     """CondInst's mask branch: P3-P5 refined to ``channels`` and summed at P3's resolution (aligned
     bilinear upsampling), a conv tower, and a 1x1 projection to the ``out_channels`` mask features
     that every instance's dynamic head reads. Optionally an auxiliary semantic-segmentation loss.
     """
 
-    _version = 2  # version 1 / no version: AdelaiDet's names
+    # Unversioned checkpoints use AdelaiDet's names.
+    _reference_source = "AdelaiDet"
 
     @configurable
     def __init__(self, *, input_shape: Dict[str, ShapeSpec], in_features: List[str], channels=128,
@@ -124,7 +125,7 @@ class MaskBranch(nn.Module):
                 logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum") / num_pos
         return mask_feats, losses
 
-    def _rename_adelaidet_key(self, name):
+    def _rename_reference_key(self, name):
         match = re.fullmatch(r"(refine|tower|seg_head)\.(\d+)\.([01])\.(\w+)", name)
         if match:
             module, index, position, param = match.groups()
@@ -136,11 +137,3 @@ class MaskBranch(nn.Module):
         if match:
             return f"seg_logits.{match.group(1)}"
         return None
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        version = local_metadata.get("version", None)
-        if version is None or version < 2:
-            rename_reference_keys(self, state_dict, prefix, self._rename_adelaidet_key, error_msgs, "AdelaiDet")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)

@@ -8,7 +8,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
-from d2ext.layers import rename_reference_keys
+from d2ext.layers import ReferenceCheckpointMixin
 
 # AdelaiDet's names of the head's submodules -> ours (Detectron2's RetinaNet / FCOS names).
 _ADELAIDET_TOWERS = {"share_tower": "share_subnet", "cls_tower": "cls_subnet", "bbox_tower": "bbox_subnet"}
@@ -27,7 +27,7 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-class FCOSHead(nn.Module):
+class FCOSHead(ReferenceCheckpointMixin, nn.Module):
     """FCOS's shared dense head: classification and box towers, then per-location predictors.
 
     The centerness (or IoU-quality) predictor runs on the box tower. Box regression is
@@ -36,7 +36,8 @@ class FCOSHead(nn.Module):
     attention layer run.
     """
 
-    _version = 2  # version 1 / no version: AdelaiDet's names (cls_tower, cls_logits, centerness, ...)
+    # Unversioned checkpoints use AdelaiDet's names (cls_tower, cls_logits, centerness, ...).
+    _reference_source = "AdelaiDet"
 
     @configurable
     def __init__(self, *, input_shape: List[ShapeSpec], num_classes, num_cls_convs=4, num_box_convs=4,
@@ -122,7 +123,7 @@ class FCOSHead(nn.Module):
             bbox_towers.append(bbox_tower)
         return logits, bbox_reg, ctrness, bbox_towers
 
-    def _rename_adelaidet_key(self, name):
+    def _rename_reference_key(self, name):
         """AdelaiDet name (relative to the head) -> ours, or None."""
         match = re.fullmatch(r"(share_tower|cls_tower|bbox_tower)\.(\d+)\.(\w+)", name)
         if match:
@@ -137,11 +138,3 @@ class FCOSHead(nn.Module):
         if match:
             return f"{_ADELAIDET_PREDICTORS[match.group(1)]}.{match.group(2)}"
         return None
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        version = local_metadata.get("version", None)
-        if version is None or version < 2:
-            rename_reference_keys(self, state_dict, prefix, self._rename_adelaidet_key, error_msgs, "AdelaiDet")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)

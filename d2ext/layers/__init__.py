@@ -4,8 +4,16 @@ from .gt_masks import padded_bitmasks
 from .losses import dice_loss
 from .mmdet_names import mmdet_resnet_fpn_key
 from .postprocess import postprocess_full_image_masks
-from .state_dict import rename_reference_keys
+from .state_dict import ReferenceCheckpointMixin, rename_reference_keys
 from .upsample import aligned_bilinear
 
-__all__ = ["aligned_bilinear", "coordinate_features", "dice_loss", "mmdet_resnet_fpn_key", "padded_bitmasks", "postprocess_full_image_masks",
-           "rename_reference_keys"]
+__all__ = [
+    "ReferenceCheckpointMixin",
+    "aligned_bilinear",
+    "coordinate_features",
+    "dice_loss",
+    "mmdet_resnet_fpn_key",
+    "padded_bitmasks",
+    "postprocess_full_image_masks",
+    "rename_reference_keys",
+]

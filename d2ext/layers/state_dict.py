@@ -36,3 +36,28 @@ def rename_reference_keys(module, state_dict, prefix, rename, error_msgs, source
             )
             continue
         state_dict[prefix + new_local] = value
+
+
+class ReferenceCheckpointMixin:
+    """Loads a reference implementation's parameter names into an ``nn.Module`` subclass.
+
+    Checkpoints saved by this repository carry the module's ``_version`` (2); unversioned ones (or
+    version 1) are the reference's, and their keys are renamed by ``_rename_reference_key`` through
+    ``rename_reference_keys``. List the mixin before ``nn.Module`` in the bases.
+    """
+
+    _version = 2
+    _reference_source = "reference"  # name of the reference implementation, for error messages
+
+    def _rename_reference_key(self, local_name):
+        """Reference local name -> own local name, or None if unknown."""
+        return None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            rename_reference_keys(self, state_dict, prefix, self._rename_reference_key, error_msgs,
+                                  self._reference_source)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)

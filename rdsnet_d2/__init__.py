@@ -1,7 +1,8 @@
 """RDSNet: reciprocal object detection and instance segmentation, with MBRM (Wang et al., AAAI 2020).
 
-Importing this package registers the ``RDSNet`` meta-architecture and the
-``build_rdsnet_resnet_fpn_backbone`` backbone with Detectron2's registries.
+Importing this package registers the ``RDSNet`` and ``GeneralizedRCNNWithMBRM`` (Mask R-CNN with MBRM
+box refinement) meta-architectures and the ``build_rdsnet_resnet_fpn_backbone`` backbone with
+Detectron2's registries.
 """
 from . import backbone as _backbone  # noqa: F401  (registers build_rdsnet_resnet_fpn_backbone)
 from .config import add_rdsnet_config
@@ -9,7 +10,8 @@ from .correlation import correlate
 from .cropping import crop_masks, expanded_crop_boxes
 from .mask_loss import ohem_mask_loss
 from .mbrm import MBRM
+from .mbrm_postprocess import GeneralizedRCNNWithMBRM, refine_instances_with_mbrm
 from .rdsnet import RDSNet
 
-__all__ = ["MBRM", "RDSNet", "add_rdsnet_config", "correlate", "crop_masks", "expanded_crop_boxes",
-           "ohem_mask_loss"]
+__all__ = ["MBRM", "GeneralizedRCNNWithMBRM", "RDSNet", "add_rdsnet_config", "correlate", "crop_masks",
+           "expanded_crop_boxes", "ohem_mask_loss", "refine_instances_with_mbrm"]

@@ -1,36 +1,31 @@
 """Load checkpoints of the official RDSNet repository (mmdetection v1 names) by renaming on load.
 
-Names are listed in ``shared/reference/rdsnet_keys.tsv``. The official files wrap the state dict as
+Names are listed in ``shared/reference/rdsnet_keys.tsv``. ResNet and FPN names follow the shared
+mmdetection rules (``d2ext.layers.mmdet_resnet_fpn_key``); the heads, the pixel stream, MBRM and the
+FPN's extra P6 / P7 convs are RDSNet's own. The official files wrap the state dict as
 ``{"state_dict": ..., "meta": ...}``; Detectron2's checkpointer needs the bare state dict (a file
 ``torch.save(ckpt["state_dict"], path)``), see docs/rdsnet_d2.md. Output convolutions are also
-reordered per anchor: mmdet v1 numbers a cell's anchors ``ratio_idx * num_sizes + size_idx``, Detectron2 ``size_idx * num_ratios +
-ratio_idx``. Any official-looking key we do not know is an error naming it.
+reordered per anchor: mmdet v1 numbers a cell's anchors ``ratio_idx * num_sizes + size_idx``, Detectron2
+``size_idx * num_ratios + ratio_idx``. Any official key we do not know is an error naming it.
 """
 import re
 
+from d2ext.layers import mmdet_resnet_fpn_key, rename_reference_keys
+
 OFFICIAL_PREFIXES = ("bbox_head.", "mask_head.", "neck.")
+# The official neck starts at C3 (mmdet start_level=1): lateral / output conv i is level i + 3.
+_FPN_FIRST_LEVEL = 3
 
 # (pattern, replacement) on names without the model prefix; first match wins.
 _RULES = [
-    (r"^backbone\.conv1\.weight$", r"backbone.bottom_up.stem.conv1.weight"),
-    (r"^backbone\.bn1\.(weight|bias|running_mean|running_var)$", r"backbone.bottom_up.stem.conv1.norm.\1"),
-    (r"^backbone\.layer(\d)\.(\d+)\.conv(\d)\.weight$", lambda m: f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight"),
-    (r"^backbone\.layer(\d)\.(\d+)\.bn(\d)\.(weight|bias|running_mean|running_var)$",
-     lambda m: f"backbone.bottom_up.res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}"),
-    (r"^backbone\.layer(\d)\.0\.downsample\.0\.weight$", lambda m: f"backbone.bottom_up.res{int(m[1]) + 1}.0.shortcut.weight"),
-    (r"^backbone\.layer(\d)\.0\.downsample\.1\.(weight|bias|running_mean|running_var)$",
-     lambda m: f"backbone.bottom_up.res{int(m[1]) + 1}.0.shortcut.norm.{m[2]}"),
-    (r"^neck\.lateral_convs\.([0-2])\.conv\.(weight|bias)$", lambda m: f"backbone.fpn_lateral{int(m[1]) + 3}.{m[2]}"),
-    (r"^neck\.fpn_convs\.([0-2])\.conv\.(weight|bias)$", lambda m: f"backbone.fpn_output{int(m[1]) + 3}.{m[2]}"),
+    # mmdet's extra convs (fpn_convs.3 / .4) are Detectron2's top block, not FPN outputs 6 / 7.
     (r"^neck\.fpn_convs\.3\.conv\.(weight|bias)$", r"backbone.top_block.p6.\1"),
     (r"^neck\.fpn_convs\.4\.conv\.(weight|bias)$", r"backbone.top_block.p7.\1"),
     (r"^bbox_head\.(cls|reg|rep)_convs\.(\d+)\.conv\.weight$",
      lambda m: f"head.{_TOWER[m[1]]}_tower.{m[2]}.weight"),
     (r"^bbox_head\.(cls|reg|rep)_convs\.(\d+)\.gn\.(weight|bias)$",
      lambda m: f"head.{_TOWER[m[1]]}_tower.{m[2]}.norm.{m[3]}"),
-    (r"^bbox_head\.retina_cls\.(weight|bias)$", r"head.cls_score.\1"),
-    (r"^bbox_head\.retina_reg\.(weight|bias)$", r"head.bbox_pred.\1"),
-    (r"^bbox_head\.retina_rep\.(weight|bias)$", r"head.rep_pred.\1"),
+    (r"^bbox_head\.retina_(cls|reg|rep)\.(weight|bias)$", lambda m: f"head.{_OUTPUT[m[1]]}.{m[2]}"),
     # mask_head.lateral_convs.<level>.<slot>: even slots are ConvModules, odd ones parameter-free upsamplers.
     (r"^mask_head\.lateral_convs\.(\d)\.(\d)\.conv\.weight$",
      lambda m: f"pixel_stream.level_convs.{m[1]}.{int(m[2]) // 2}.weight"),
@@ -42,8 +37,9 @@ _RULES = [
     (r"^mbrm\.(weight|bias)$", r"mbrm.\1"),
 ]
 _TOWER = {"cls": "cls", "reg": "bbox", "rep": "rep"}
-_PER_ANCHOR_OUTPUTS = ("head.cls_score.", "head.bbox_pred.", "head.rep_pred.")
-_IGNORED = re.compile(r"num_batches_tracked$")
+_OUTPUT = {"cls": "cls_score", "reg": "bbox_pred", "rep": "rep_pred"}
+_PER_ANCHOR_OUTPUT = re.compile(r"^bbox_head\.retina_(cls|reg|rep)\.(weight|bias)$")
+_NUM_BATCHES_TRACKED = "num_batches_tracked"  # BatchNorm's counter: Detectron2's FrozenBN has none
 
 
 def is_official_rdsnet_state_dict(state_dict, prefix=""):
@@ -56,7 +52,7 @@ def official_to_detectron2_name(name):
         match = re.match(pattern, name)
         if match:
             return replacement(match) if callable(replacement) else match.expand(replacement)
-    return None
+    return mmdet_resnet_fpn_key(name, fpn_first_level=_FPN_FIRST_LEVEL) or None
 
 
 def reorder_anchors(tensor, num_sizes, num_ratios):
@@ -68,23 +64,22 @@ def reorder_anchors(tensor, num_sizes, num_ratios):
     return blocks.transpose(0, 1).reshape(tensor.shape)
 
 
-def rename_official_rdsnet_keys(state_dict, prefix, model):
-    """In place: rename the official keys under ``prefix`` (a no-op for Detectron2-named dicts).
+def rename_official_rdsnet_keys(model, state_dict, prefix, error_msgs):
+    """In place: rename the official keys under ``prefix`` (a no-op for Detectron2-named dicts, whose
+    unknown keys stay Detectron2's "unexpected keys" warning).
 
-    ``model`` gives the anchor layout (``official_anchor_layout`` = (num_sizes, num_ratios)).
+    ``model`` gives the anchor layout (``official_anchor_layout`` = (num_sizes, num_ratios)). Unknown
+    official keys and shape mismatches go to ``error_msgs`` (``load_state_dict`` raises them).
     """
     if not is_official_rdsnet_state_dict(state_dict, prefix):
         return
     num_sizes, num_ratios = model.official_anchor_layout
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        name = key[len(prefix):]
-        if _IGNORED.search(name):
-            del state_dict[key]
-            continue
-        new_name = official_to_detectron2_name(name)
-        if new_name is None:
-            raise KeyError(f"official RDSNet checkpoint: unknown parameter '{name}'")
-        value = state_dict.pop(key)
-        if new_name.startswith(_PER_ANCHOR_OUTPUTS):
-            value = reorder_anchors(value, num_sizes, num_ratios)
-        state_dict[prefix + new_name] = value
+    locals_ = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+    for local in locals_:
+        if _PER_ANCHOR_OUTPUT.match(local):
+            state_dict[prefix + local] = reorder_anchors(state_dict[prefix + local], num_sizes, num_ratios)
+    ignored = {local for local in locals_ if local.endswith(_NUM_BATCHES_TRACKED)}
+    if model.mbrm is None:  # a refine checkpoint loaded without MBRM: its two constants are not needed
+        ignored |= {"mbrm.weight", "mbrm.bias"}
+    rename_reference_keys(model, state_dict, prefix, official_to_detectron2_name, error_msgs,
+                          "official RDSNet", ignored)

@@ -29,10 +29,13 @@ def add_rdsnet_config(cfg):
     cfg.MODEL.RDSNET.P7_RELU = False  # used by build_rdsnet_resnet_fpn_backbone
 
     cfg.MODEL.MBRM = CN()
+    # MBRM, in RDSNet and in GeneralizedRCNNWithMBRM (Mask R-CNN): the box refinement at inference.
     cfg.MODEL.MBRM.ENABLED = False  # refine the boxes of the detections with MBRM at inference
     cfg.MODEL.MBRM.TRAIN = False  # MBRM training stage: only MBRM learns (loss_mbrm), the rest is frozen
     cfg.MODEL.MBRM.KERNEL_HALF_SIZE = 4  # s: 1-D kernel of 2s + 1 taps
     cfg.MODEL.MBRM.GAMMA = 0.05  # prior sigma = max(GAMMA * box size, 1) pixels
     cfg.MODEL.MBRM.PRIOR_CUTOFF = 0.0044  # prior density <= this is set to 0 (truncation)
     cfg.MODEL.MBRM.TRAIN_IOU = 0.5  # a detection trains MBRM if its IoU with a GT box reaches this
+    # GeneralizedRCNNWithMBRM: detections whose soft RoI masks are pasted into the image at once
+    cfg.MODEL.MBRM.MASK_CHUNK_SIZE = 16
     return cfg

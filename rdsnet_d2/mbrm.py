@@ -19,6 +19,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from torch import nn
 
 # The constants of the official release (hard-coded there; released checkpoints hold no MBRM weights).
@@ -26,14 +27,32 @@ OFFICIAL_KERNEL = (-0.2968, -0.2892, -0.2635, -3.2545, -0.1874, 2.5041, 0.0196, 
 OFFICIAL_BIAS = -1.9536
 
 
+def cat_profiles(profile_chunks, image_size, device=None):
+    """Concatenate the ``MBRM.profiles`` of consecutive chunks of soft masks (computing profiles chunk
+    by chunk keeps full-size soft masks of only one chunk in memory).
+
+    Args:
+        profile_chunks: list of (x (n_i, W), y (n_i, H)); may be empty.
+        image_size: (H, W), for the shape of an empty result.
+    Returns:
+        x (N, W), y (N, H) with N = sum n_i.
+    """
+    height, width = image_size
+    if not profile_chunks:
+        return torch.zeros(0, width, device=device), torch.zeros(0, height, device=device)
+    x_profiles, y_profiles = zip(*profile_chunks)
+    return torch.cat(x_profiles), torch.cat(y_profiles)
+
+
 class MBRM(nn.Module):
     """Refine boxes with soft instance masks.
 
-    ``MBRM()`` uses the official released kernel (s = 4) and constants (gamma 0.05, prior truncated
+    ``MBRM()`` (or ``MBRM(cfg)``, from ``MODEL.MBRM.*``) uses the official released kernel (s = 4) and constants (gamma 0.05, prior truncated
     at density 0.0044). Another ``kernel_half_size`` starts from a zero kernel (flat likelihood: the
     posterior is the prior, boxes stay put) and must be trained (:meth:`loss`).
     """
 
+    @configurable
     def __init__(self, kernel_half_size=4, gamma=0.05, prior_cutoff=0.0044):
         super().__init__()
         if kernel_half_size < 0:
@@ -50,6 +69,11 @@ class MBRM(nn.Module):
         # Named like the official module's (mbrm.weight (1, 1, 2s+1), mbrm.bias (1,)).
         self.weight = nn.Parameter(weight.view(1, 1, -1))
         self.bias = nn.Parameter(bias)
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"kernel_half_size": cfg.MODEL.MBRM.KERNEL_HALF_SIZE, "gamma": cfg.MODEL.MBRM.GAMMA,
+                "prior_cutoff": cfg.MODEL.MBRM.PRIOR_CUTOFF}
 
     @staticmethod
     def profiles(masks):

@@ -1,26 +1,25 @@
 """RDSNet meta-architecture: an object stream on Detectron2's RetinaNet machinery (anchors, Matcher,
 Box2BoxTransform, focal + smooth-L1 losses) and a pixel stream, fused by correlation and cropping, with
 MBRM as an optional box refinement and its own training stage."""
-import logging
 from typing import Dict, List
 
 import torch
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
-from detectron2.structures import BitMasks, Boxes, Instances, PolygonMasks, pairwise_iou
+from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch.nn import functional as F
+
+from d2ext.layers import padded_bitmasks, postprocess_full_image_masks
 
 from .checkpoint import rename_official_rdsnet_keys
 from .correlation import correlate
 from .cropping import crop_masks, expanded_crop_boxes
 from .mask_loss import IGNORE, ohem_mask_loss
-from .mbrm import MBRM
+from .mbrm import MBRM, cat_profiles
 from .mbrm_training import mbrm_training_loss
 from .object_stream import RDSNetHead
 from .pixel_stream import PixelStream
-
-logger = logging.getLogger(__name__)
 
 
 @META_ARCH_REGISTRY.register()
@@ -99,8 +98,7 @@ class RDSNet(RetinaNet):
             test_crop_expand=cfg.MODEL.RDSNET.TEST_CROP_EXPAND,
             mask_threshold=cfg.MODEL.RDSNET.MASK_THRESHOLD,
             mask_chunk_size=cfg.MODEL.RDSNET.MASK_CHUNK_SIZE,
-            mbrm=MBRM(cfg.MODEL.MBRM.KERNEL_HALF_SIZE, cfg.MODEL.MBRM.GAMMA, cfg.MODEL.MBRM.PRIOR_CUTOFF)
-            if use_mbrm else None,
+            mbrm=MBRM(cfg) if use_mbrm else None,
             mbrm_on=cfg.MODEL.MBRM.ENABLED,
             mbrm_train=cfg.MODEL.MBRM.TRAIN,
             mbrm_train_iou=cfg.MODEL.MBRM.TRAIN_IOU,
@@ -186,16 +184,9 @@ class RDSNet(RetinaNet):
         """(G, h, w) bool at the mask stride and the GT pixel areas (G,) at input resolution."""
         if not gt.has("gt_masks"):
             raise ValueError("RDSNet: training instances have no gt_masks (set MODEL.MASK_ON True)")
-        masks = gt.gt_masks
-        height, width = gt.image_size
-        if isinstance(masks, PolygonMasks):
-            masks = BitMasks.from_polygon_masks(masks, height, width)
-        if not isinstance(masks, BitMasks):
-            raise ValueError(f"RDSNet: unsupported gt_masks type {type(masks).__name__}")
-        bitmasks = masks.tensor.to(self.device).float()
-        padded = F.pad(bitmasks, (0, padded_size[1] - bitmasks.shape[2], 0, padded_size[0] - bitmasks.shape[1]))
+        padded = padded_bitmasks(gt.gt_masks, padded_size, self.device).float()
         small = F.interpolate(padded[None], size=mask_size, mode="bilinear", align_corners=False)[0] > 0.5
-        return small, bitmasks.flatten(1).sum(dim=1)
+        return small, padded.flatten(1).sum(dim=1)
 
     @torch.no_grad()
     def mask_targets(self, images, pixel_reps, gt_labels, matched_idxs, gt_instances):
@@ -281,13 +272,12 @@ class RDSNet(RetinaNet):
         """
         input_size = detections.image_size
         out_h, out_w = output_size
-        boxes = detections.pred_boxes.clone()
-        boxes.scale(out_w / input_size[1], out_h / input_size[0])
-        boxes.clip(output_size)
-        keep = boxes.nonempty()
-        boxes, detections = boxes[keep], detections[keep]
+        # Boxes only (rescaled, clipped, empty ones dropped): the shared helper would need every
+        # detection's soft mask at once, and the official mask resizing differs (see above).
+        detections = postprocess_full_image_masks(detections, out_h, out_w)
+        boxes = detections.pred_boxes
         crops = expanded_crop_boxes(boxes.tensor, self.test_crop_expand, out_h, out_w)
-        binary, x_profiles, y_profiles = [], [], []
+        binary, profile_chunks = [], []
         for start in range(0, len(detections), self.mask_chunk_size):
             chunk = slice(start, start + self.mask_chunk_size)
             reps = detections.object_reps[chunk]
@@ -300,13 +290,10 @@ class RDSNet(RetinaNet):
             soft = fg_minus_bg[:, 0].sigmoid() * crop_masks(crops[chunk], out_h, out_w)
             binary.append(soft > self.mask_threshold)
             if refine or keep_profiles:
-                x_prof, y_prof = MBRM.profiles(soft)
-                x_profiles.append(x_prof)
-                y_profiles.append(y_prof)
+                profile_chunks.append(MBRM.profiles(soft))
         device = pixel_rep.device
         masks = cat(binary) if binary else torch.zeros((0, out_h, out_w), dtype=torch.bool, device=device)
-        profiles = (cat(x_profiles) if x_profiles else pixel_rep.new_zeros(0, out_w),
-                    cat(y_profiles) if y_profiles else pixel_rep.new_zeros(0, out_h))
+        profiles = cat_profiles(profile_chunks, output_size, device)
         if refine:
             boxes = Boxes(self.mbrm.refine(profiles[0], profiles[1], boxes.tensor))
         result = Instances(output_size, pred_boxes=boxes, scores=detections.scores,
@@ -329,6 +316,6 @@ class RDSNet(RetinaNet):
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)
         if version is None or version < 2:
-            rename_official_rdsnet_keys(state_dict, prefix, self)
+            rename_official_rdsnet_keys(self, state_dict, prefix, error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -197,8 +197,12 @@ def test_official_checkpoint_names(cfg, tmp_path):
     for s in range(3):
         for r in range(3):
             assert torch.equal(cls[s, r], cls_official[r, s])
-    # an unknown official-looking key is an error that names it
-    official["bbox_head.retina_iou.weight"] = torch.zeros(1)
-    torch.save(official, path)
-    with pytest.raises(KeyError, match="retina_iou"):
-        DetectionCheckpointer(build_tiny_model(cfg)).load(path)
+    # MBRM's constants in a refine checkpoint are not needed by a model without MBRM
+    torch.save({**official, "mbrm.weight": torch.zeros(1, 1, 9), "mbrm.bias": torch.zeros(1)}, path)
+    DetectionCheckpointer(build_tiny_model(cfg)).load(path)
+    # an unknown official key, or a shape mismatch, is an error that names it
+    for bad_key, bad_value in (("bbox_head.retina_iou.weight", torch.zeros(1)),
+                               ("bbox_head.retina_rep.bias", torch.zeros(9 * 2 * 32 + 9))):
+        torch.save({**official, bad_key: bad_value}, path)
+        with pytest.raises(RuntimeError, match=bad_key.replace(".", r"\.")):
+            DetectionCheckpointer(build_tiny_model(cfg)).load(path)

@@ -1,0 +1,122 @@
+#!/usr/bin/env python
+"""RDSNet inference cost against Detectron2's RetinaNet (its object stream's baseline), MBRM's extra
+time (in RDSNet and as Mask R-CNN's post-processor) and peak memory over N inference images.
+
+    python benchmarks/rdsnet_bench.py                                   # R-50, 800 x 1333, 50 images
+    python benchmarks/rdsnet_bench.py --size 256 448 --iters 3 --images 5   # a quick check
+
+Targets (issue 7): RDSNet <= 1.24 x RetinaNet (the paper's 10.9 -> 8.8 FPS), MBRM <= 4 % extra time,
+peak memory flat over the images. Every model is R-50-FPN, randomly initialised (no downloads), with
+the score threshold at 0 so that all post-processing runs at full load (100 detections per image).
+Each model runs in its own process, so that a peak (RSS on CPU, max allocated on CUDA) is its own.
+Latency: median over --iters runs on one image after --warmup; memory: peak after the first and after
+the last of --images different images (built-in synthetic shapes resized to --size).
+"""
+import argparse
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BASELINE = "detectron2 retinanet_R_50_FPN_1x"
+RETINANET_CONFIG = "COCO-Detection/retinanet_R_50_FPN_1x.yaml"
+MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
+ALL_DETECTIONS = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                  "TEST.DETECTIONS_PER_IMAGE", "100"]
+# name -> (config: a model-zoo name or a path under configs/, extra opts)
+MODELS = {
+    BASELINE: (RETINANET_CONFIG, []),
+    "rdsnet_R_50_FPN_1x": ("RDSNet/rdsnet_R_50_FPN_1x.yaml", []),
+    "rdsnet_R_50_FPN_1x_refine (MBRM)": ("RDSNet/rdsnet_R_50_FPN_1x_refine.yaml", []),
+    # All 100 masks upsampled at once, as the official code does (it upsamples 2 channels, we 1).
+    "rdsnet_R_50_FPN_1x, one mask chunk": ("RDSNet/rdsnet_R_50_FPN_1x.yaml", ["MODEL.RDSNET.MASK_CHUNK_SIZE", "100"]),
+    "detectron2 mask_rcnn_R_50_FPN_1x": (MASK_RCNN_CONFIG, []),
+    "mask_rcnn_R_50_FPN_1x + MBRM": (MASK_RCNN_CONFIG, ["MODEL.META_ARCHITECTURE", "GeneralizedRCNNWithMBRM",
+                                                         "MODEL.MBRM.ENABLED", "True"]),
+}
+MBRM_PAIRS = [("rdsnet_R_50_FPN_1x", "rdsnet_R_50_FPN_1x_refine (MBRM)"),
+              ("detectron2 mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x + MBRM")]
+
+
+def _config_file(config):
+    from detectron2 import model_zoo
+
+    if config in (RETINANET_CONFIG, MASK_RCNN_CONFIG):
+        return model_zoo.get_config_file(config)
+    return os.path.join(REPO, "configs", config)
+
+
+def measure_model(name, args):
+    """In a fresh process: (median seconds per image, [peak MB after each of the --images images])."""
+    import d2ext  # noqa: F401  (datasets; registers every meta-architecture through get_cfg)
+    from d2ext import benchmark
+    from d2ext.engine import setup_cfg
+    from detectron2.modeling import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, opts = MODELS[name]
+    cfg = setup_cfg(_config_file(config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device,
+                                           *ALL_DETECTIONS, *opts])
+    images = [{k: v for k, v in d.items() if k != "instances"}
+              for d in benchmark.synthetic_batch(cfg, args.images, args.size[0], args.size[1])]
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        seconds = benchmark.median_seconds(lambda: model(images[:1]), args.device, args.warmup, args.iters)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(args.device)
+        peaks = []
+        for image in images:
+            model([image])
+            peaks.append(benchmark.peak_memory_mb(args.device))
+    return seconds, peaks
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--images", type=int, default=50, help="inference images for the memory rows")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
+                        help=f"subset of: {', '.join(MODELS)} (the baseline always runs)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+
+    from d2ext.benchmark import command_line, format_table, machine_description
+
+    names = [BASELINE] + [n for n in args.models if n != BASELINE]
+    results = {}
+    for name in names:
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+            results[name] = pool.submit(measure_model, name, args).result()
+        seconds, peaks = results[name]
+        print(f"{name}: {seconds:.3f} s, peak {peaks[0]:.0f} -> {peaks[-1]:.0f} MB", file=sys.stderr, flush=True)
+
+    print(f"command: {command_line()}")
+    print(f"machine: {machine_description(args.device)}")
+    print(f"input: {args.size[0]}x{args.size[1]} (short x max side), batch 1, median of {args.iters} after "
+          f"{args.warmup} warm-up; memory over {args.images} images; score threshold 0, 100 detections")
+    rows = [{"name": n, "mode": "inference", "seconds": s, "memory_mb": p[-1]} for n, (s, p) in results.items()]
+    print(format_table(rows, BASELINE))
+    print()
+    print("| model | peak MB after image 1 | after image N | growth MB |")
+    print("| --- | --- | --- | --- |")
+    for name, (_, peaks) in results.items():
+        print(f"| {name} | {peaks[0]:.0f} | {peaks[-1]:.0f} | {peaks[-1] - peaks[0]:+.0f} |")
+    print()
+    for plain, refined in MBRM_PAIRS:
+        if plain in results and refined in results:
+            extra = results[refined][0] / results[plain][0] - 1
+            print(f"MBRM extra time, {refined} vs {plain}: {100 * extra:+.1f} %")
+
+
+if __name__ == "__main__":
+    main()

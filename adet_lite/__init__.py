@@ -2,7 +2,7 @@
 
 Importing the package registers its models with Detectron2's registries.
 """
-from . import condinst, fcos, solo  # noqa: F401  (registration)
+from . import blendmask, condinst, fcos, solo  # noqa: F401  (registration)
 from .config import add_adet_lite_config
 from .solo import matrix_nms
 

@@ -3,41 +3,13 @@ import re
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
 from fvcore.nn import sigmoid_focal_loss
 from torch import nn
 from detectron2.config import configurable
-from detectron2.layers import Conv2d, ShapeSpec, get_norm
-from detectron2.structures import Instances
+from detectron2.layers import ShapeSpec
 
-from d2ext.layers import ReferenceCheckpointMixin, aligned_bilinear
-
-
-def _conv_norm_relu(in_channels, out_channels, norm):
-    conv = Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=not norm,
-                  norm=get_norm(norm, out_channels), activation=F.relu)
-    nn.init.kaiming_uniform_(conv.weight, a=1)
-    if conv.bias is not None:
-        nn.init.constant_(conv.bias, 0.0)
-    return conv
-
-
-def semantic_targets(gt_instances: List[Instances], num_classes, stride):
-    """Per-pixel class maps (N, H/stride, W/stride) from full-image instance bitmasks, sampled at pixel
-    ``stride * i + stride // 2``: the class of the smallest (by mask area) instance covering the pixel,
-    ``num_classes`` where none does."""
-    targets = []
-    for instances in gt_instances:
-        masks = instances.gt_bitmasks_full
-        sampled = masks[:, stride // 2::stride, stride // 2::stride]
-        target = torch.full(sampled.shape[1:], num_classes, dtype=torch.int64, device=masks.device)
-        if len(instances):
-            areas = masks.flatten(1).sum(dim=1).float()
-            covering_areas = torch.where(sampled > 0, areas[:, None, None], torch.full_like(areas[:, None, None], math.inf))
-            min_area, owner = covering_areas.min(dim=0)
-            target = torch.where(min_area < math.inf, instances.gt_classes[owner], target)
-        targets.append(target)
-    return torch.stack(targets)
+from d2ext.layers import (ReferenceCheckpointMixin, aligned_bilinear, conv_norm_relu, conv_norm_relu_reference_key,
+                          semantic_targets)
 
 
 class MaskBranch(ReferenceCheckpointMixin, nn.Module):
@@ -56,8 +28,8 @@ class MaskBranch(ReferenceCheckpointMixin, nn.Module):
         super().__init__()
         self.in_features = list(in_features)
         self.out_stride = input_shape[self.in_features[0]].stride
-        self.refine = nn.ModuleList([_conv_norm_relu(input_shape[f].channels, channels, norm) for f in in_features])
-        self.tower = nn.Sequential(*[_conv_norm_relu(channels, channels, norm) for _ in range(num_convs)])
+        self.refine = nn.ModuleList([conv_norm_relu(input_shape[f].channels, channels, norm) for f in in_features])
+        self.tower = nn.Sequential(*[conv_norm_relu(channels, channels, norm) for _ in range(num_convs)])
         self.predictor = nn.Conv2d(channels, out_channels, kernel_size=1)
         nn.init.kaiming_uniform_(self.predictor.weight, a=1)
         nn.init.constant_(self.predictor.bias, 0.0)
@@ -68,8 +40,8 @@ class MaskBranch(ReferenceCheckpointMixin, nn.Module):
             self.num_classes = num_classes
             self.focal_alpha = focal_alpha
             self.focal_gamma = focal_gamma
-            self.seg_head = nn.Sequential(_conv_norm_relu(in_channels, channels, norm),
-                                          _conv_norm_relu(channels, channels, norm))
+            self.seg_head = nn.Sequential(conv_norm_relu(in_channels, channels, norm),
+                                          conv_norm_relu(channels, channels, norm))
             self.seg_logits = nn.Conv2d(channels, num_classes, kernel_size=1)
             nn.init.normal_(self.seg_logits.weight, std=0.01)
             nn.init.constant_(self.seg_logits.bias, -math.log((1 - prior_prob) / prior_prob))
@@ -126,10 +98,9 @@ class MaskBranch(ReferenceCheckpointMixin, nn.Module):
         return mask_feats, losses
 
     def _rename_reference_key(self, name):
-        match = re.fullmatch(r"(refine|tower|seg_head)\.(\d+)\.([01])\.(\w+)", name)
-        if match:
-            module, index, position, param = match.groups()
-            return f"{module}.{index}.{'norm.' if position == '1' else ''}{param}"
+        renamed = conv_norm_relu_reference_key(name, ("refine", "tower", "seg_head"))
+        if renamed is not None:
+            return renamed
         match = re.fullmatch(r"tower\.(\d+)\.(weight|bias)", name)
         if match and int(match.group(1)) == self.num_convs:
             return f"predictor.{match.group(2)}"

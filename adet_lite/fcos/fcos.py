@@ -184,7 +184,8 @@ class FCOS(nn.Module):
             losses: dict with ``loss_fcos_cls``, ``loss_fcos_loc``, ``loss_fcos_ctr``.
             positives: ``Instances`` of the P positive locations of the batch with ``im_inds``, ``gt_inds``
                 (into the concatenated batch instances), ``locations``, ``fpn_levels``, ``logits_pred``
-                (P, C), ``ctrness_pred`` (P,), ``box_reg_pred`` (P, 4) and ``top_feats`` (P, K) if any.
+                (P, C), ``ctrness_pred`` (P,), ``box_reg_pred`` (P, 4), ``reg_targets`` (P, 4) (stride
+                units) and ``top_feats`` (P, K) if any.
         """
         for i, instances in enumerate(gt_instances):
             if len(instances) and instances.gt_classes.max() >= self.num_classes:
@@ -219,6 +220,7 @@ class FCOS(nn.Module):
         positives.logits_pred = predictions["logits"][im_inds, loc_inds]
         positives.ctrness_pred = predictions["quality"][im_inds, loc_inds]
         positives.box_reg_pred = predictions["box_reg"][im_inds, loc_inds]
+        positives.reg_targets = reg_targets[im_inds, loc_inds]
         if predictions["top_feats"] is not None:
             positives.top_feats = predictions["top_feats"][im_inds, loc_inds]
         return losses, positives

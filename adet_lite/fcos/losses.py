@@ -18,6 +18,13 @@ def sum_over_workers(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def centerness_normalizer(ctr_targets):
+    """Divisor of centerness-weighted losses: the sum of the centerness targets averaged over the
+    distributed workers (FCOS's box loss, BlendMask's mask loss), at least 1e-6."""
+    ctr_sum = sum_over_workers(ctr_targets.sum().detach()) / comm.get_world_size()
+    return ctr_sum.clamp(min=1e-6)
+
+
 def distances_to_relative_boxes(distances):
     """(P, 4) (l, t, r, b) distances from a location -> (P, 4) XYXY boxes relative to that location."""
     return torch.cat((-distances[:, :2], distances[:, 2:]), dim=1)
@@ -77,8 +84,7 @@ def fcos_losses(logits, box_reg, quality, labels, reg_targets, *, cls_normalizer
     loc_losses = box_regression_loss(box_reg, reg_targets, loc_loss_type)
     if box_quality == "ctrness":
         # Weighted by the centerness targets, normalised by their sum over all workers.
-        ctr_sum = sum_over_workers(ctr_targets.sum().detach()) / comm.get_world_size()
-        loss_loc = (loc_losses * ctr_targets).sum() / ctr_sum.clamp(min=1e-6)
+        loss_loc = (loc_losses * ctr_targets).sum() / centerness_normalizer(ctr_targets)
         quality_targets = ctr_targets
     elif box_quality == "iou":
         loss_loc = loc_losses.sum() / num_pos_avg

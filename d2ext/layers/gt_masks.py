@@ -1,6 +1,9 @@
+import math
+from typing import List
+
 import torch
 import torch.nn.functional as F
-from detectron2.structures import BitMasks, PolygonMasks
+from detectron2.structures import BitMasks, Instances, PolygonMasks
 from detectron2.structures.masks import polygons_to_bitmask
 
 
@@ -36,3 +39,34 @@ def padded_bitmasks(gt_masks, padded_size, device=None):
     if mask_h > height or mask_w > width:
         raise ValueError(f"padded_bitmasks: masks of size {(mask_h, mask_w)} exceed the padded size {(height, width)}")
     return F.pad(masks.bool(), (0, width - mask_w, 0, height - mask_h)).to(device)
+
+
+def semantic_targets(gt_instances: List[Instances], num_classes, stride, background_first=False):
+    """Per-pixel class maps derived from instance masks (the targets of auxiliary semantic losses).
+
+    Args:
+        gt_instances: per image, ``gt_bitmasks_full`` (M, H, W) masks over the padded batch image and
+            ``gt_classes`` (M,).
+        num_classes: foreground classes.
+        stride: the maps sample pixel ``stride * i + stride // 2`` of the masks.
+        background_first: background is class 0 and object class c is c + 1 (AdelaiDet's BlendMask
+            maps); else background is ``num_classes`` and object classes are kept (CondInst).
+    Returns:
+        (N, H/stride, W/stride) int64: at each pixel the class of the smallest (by mask area) instance
+        covering it, background where none does.
+    """
+    targets = []
+    for instances in gt_instances:
+        masks = instances.gt_bitmasks_full
+        sampled = masks[:, stride // 2::stride, stride // 2::stride]
+        target = torch.full(sampled.shape[1:], num_classes, dtype=torch.int64, device=masks.device)
+        if len(instances):
+            areas = masks.flatten(1).sum(dim=1).float()
+            covering_areas = torch.where(sampled > 0, areas[:, None, None], torch.full_like(areas[:, None, None], math.inf))
+            min_area, owner = covering_areas.min(dim=0)
+            target = torch.where(min_area < math.inf, instances.gt_classes[owner], target)
+        targets.append(target)
+    targets = torch.stack(targets)
+    if background_first:
+        targets = (targets + 1) % (num_classes + 1)  # background num_classes -> 0, class c -> c + 1
+    return targets

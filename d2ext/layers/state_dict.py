@@ -53,11 +53,15 @@ class ReferenceCheckpointMixin:
         """Reference local name -> own local name, or None if unknown."""
         return None
 
+    def _ignored_reference_keys(self):
+        """Reference local names that carry no weights in this module as configured (dropped on load)."""
+        return ()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         version = local_metadata.get("version", None)
         if version is None or version < 2:
             rename_reference_keys(self, state_dict, prefix, self._rename_reference_key, error_msgs,
-                                  self._reference_source)
+                                  self._reference_source, ignored=self._ignored_reference_keys())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)

@@ -1,0 +1,166 @@
+from typing import Dict, List
+
+import torch
+from torch import nn
+from detectron2.config import configurable
+from detectron2.layers import cat
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_proposal_generator
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import ImageList, Instances
+
+from d2ext.layers import padded_bitmasks, semantic_targets
+
+from ..fcos.losses import centerness_normalizer
+from ..fcos.targets import centerness_targets
+from .basis_module import build_basis_module
+from .blender import Blender, blender_mask_loss
+
+
+def thing_semantic_targets(gt_instances: List[Instances], padded_size, num_classes, stride):
+    """AdelaiDet's "thing" maps for the basis module's semantic loss, derived from the instance masks
+    (AdelaiDet reads them from precomputed files): (N, H/stride, W/stride) int64, 0 = background,
+    class c = c + 1, the smallest instance where several overlap, background in the padding."""
+    maps = []
+    for i, instances in enumerate(gt_instances):
+        if len(instances) and instances.gt_classes.max() >= num_classes:
+            raise ValueError(f"image {i} has class {int(instances.gt_classes.max())} but "
+                             f"MODEL.BASIS_MODULE.NUM_CLASSES is {num_classes}")
+        masks = padded_bitmasks(instances.gt_masks, padded_size, instances.gt_classes.device)
+        maps.append(Instances(tuple(padded_size), gt_bitmasks_full=masks, gt_classes=instances.gt_classes))
+    return semantic_targets(maps, num_classes, stride, background_first=True)
+
+
+@META_ARCH_REGISTRY.register()
+class BlendMask(nn.Module):
+    """BlendMask (Chen et al., CVPR 2020): FCOS plus a bottom module predicting K bases over the image and
+    a top layer predicting, for each detection, K attention maps of M x M; the blender crops the bases
+    with the box (RoIAlign to R x R), resizes the attentions to R x R, softmaxes them over K and sums
+    the weighted bases into the instance's mask logits.
+
+    Inference returns ``Instances`` like Detectron2's Mask R-CNN: ``pred_boxes``, ``scores``,
+    ``pred_classes`` and boolean ``pred_masks`` (R x R masks pasted into their boxes) at the original
+    image size.
+    """
+
+    @configurable
+    def __init__(self, *, backbone: Backbone, proposal_generator: nn.Module, basis_module: nn.Module,
+                 blender: Blender, num_bases, pixel_mean, pixel_std, instance_loss_weight=1.0,
+                 semantic_loss=None, mask_threshold=0.5):
+        """
+        Args:
+            proposal_generator: FCOS (``predict`` / ``losses`` / ``inference``).
+            basis_module: ``forward(features, semantic_targets) -> (bases, losses)``, bases at ``out_stride``.
+            num_bases: K, the basis module's output channels.
+            semantic_loss: None, or ``(num_classes, stride)`` of the basis module's semantic targets.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.proposal_generator = proposal_generator
+        self.basis_module = basis_module
+        self.blender = blender
+        tower_channels = {s.channels for s in backbone.output_shape().values()}.pop()
+        self.top_layer = nn.Conv2d(tower_channels, num_bases * blender.attn_size ** 2, kernel_size=3, padding=1)
+        nn.init.normal_(self.top_layer.weight, std=0.01)
+        nn.init.constant_(self.top_layer.bias, 0.0)
+        self.instance_loss_weight = instance_loss_weight
+        self.semantic_loss = semantic_loss
+        self.mask_threshold = mask_threshold
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @classmethod
+    def from_config(cls, cfg):
+        if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "FCOS":
+            raise ValueError(f"BlendMask needs MODEL.PROPOSAL_GENERATOR.NAME 'FCOS', got "
+                             f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
+        if cfg.MODEL.BLENDMASK.VISUALIZE:
+            raise ValueError("MODEL.BLENDMASK.VISUALIZE=True (AdelaiDet's basis visualisation) is not supported")
+        if cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED:
+            raise ValueError("BlendMask's panoptic output is not built in adet_lite: set "
+                             "MODEL.PANOPTIC_FPN.COMBINE.ENABLED False")
+        backbone = build_backbone(cfg)
+        output_shape = backbone.output_shape()
+        basis_module = build_basis_module(cfg, output_shape)
+        blender = Blender(cfg)
+        pooler_scale = cfg.MODEL.BLENDMASK.POOLER_SCALES[0]
+        if pooler_scale * basis_module.out_stride != 1:
+            raise ValueError(f"MODEL.BLENDMASK.POOLER_SCALES {tuple(cfg.MODEL.BLENDMASK.POOLER_SCALES)} must be "
+                             f"1 / the stride of the bases ({basis_module.out_stride})")
+        basis = cfg.MODEL.BASIS_MODULE
+        return {
+            "backbone": backbone,
+            "proposal_generator": build_proposal_generator(cfg, output_shape),
+            "basis_module": basis_module,
+            "blender": blender,
+            "num_bases": basis.NUM_BASES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "instance_loss_weight": cfg.MODEL.BLENDMASK.INSTANCE_LOSS_WEIGHT,
+            "semantic_loss": (basis.NUM_CLASSES, basis.COMMON_STRIDE) if basis.LOSS_ON else None,
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[Dict]):
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.backbone.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        """Detectron2's meta-architecture interface: losses in training, else per image
+        ``{"instances": Instances}`` at the original size (``height`` / ``width`` of the inputs)."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        if not self.training:
+            bases, _ = self.basis_module(features)
+            predictions = self.proposal_generator.predict(features, self.top_layer)
+            detections = self.proposal_generator.inference(predictions, images.image_sizes)
+            return self.predict_masks(bases, detections, batched_inputs)
+
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("BlendMask in training mode needs 'instances' in every input")
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if any(not x.has("gt_masks") for x in gt_instances):
+            raise ValueError("BlendMask needs instance masks: the inputs' 'instances' have no gt_masks "
+                             "(set MODEL.MASK_ON True so that the DatasetMapper loads them)")
+        targets = None
+        if self.semantic_loss is not None:
+            targets = thing_semantic_targets(gt_instances, images.tensor.shape[-2:], *self.semantic_loss)
+        bases, losses = self.basis_module(features, targets)
+        predictions = self.proposal_generator.predict(features, self.top_layer)
+        fcos_losses, positives = self.proposal_generator.losses(predictions, gt_instances)
+        losses.update(fcos_losses)
+        losses["loss_mask"] = self.instance_loss_weight * self.mask_loss(bases, positives, gt_instances)
+        return losses
+
+    def mask_loss(self, bases, positives: Instances, gt_instances: List[Instances]):
+        """Each FCOS positive blends its attentions with the bases cropped by its ground-truth box;
+        targets are the ground-truth masks cropped and resized to R x R like Mask R-CNN's.
+
+        No early exit without positives: the empty tensors keep the bases and the top layer in the
+        graph (distributed training needs every parameter used), the loss is then 0.
+        """
+        resolution = self.blender.resolution
+        rois = self.blender.crop(bases, [x.gt_boxes for x in gt_instances])[positives.gt_inds]
+        logits = self.blender(rois, positives.top_feats)
+        targets = cat([x.gt_masks.crop_and_resize(x.gt_boxes.tensor, resolution).to(self.device)
+                       for x in gt_instances])[positives.gt_inds]
+        weights = centerness_targets(positives.reg_targets)
+        return blender_mask_loss(logits, targets, weights, centerness_normalizer(weights))
+
+    def predict_masks(self, bases, detections: List[Instances], batched_inputs):
+        """Blend the masks of the detections of all images at once, then paste each image's R x R
+        masks into its boxes at the original size (Detectron2's ``detector_postprocess``)."""
+        rois = self.blender.crop(bases, [det.pred_boxes for det in detections])
+        mask_probs = self.blender(rois, cat([det.top_feat for det in detections])).sigmoid()
+        results = []
+        for det, probs, inputs in zip(detections, mask_probs.split([len(d) for d in detections]), batched_inputs):
+            det.remove("top_feat")
+            det.pred_masks = probs[:, None]  # (N, 1, R, R): the RoI-mask format detector_postprocess pastes
+            height, width = det.image_size
+            result = detector_postprocess(det, inputs.get("height", height), inputs.get("width", width),
+                                          self.mask_threshold)
+            result.pred_masks = result.pred_masks.bool()  # v0.6 pastes an empty set as uint8
+            results.append({"instances": result})
+        return results

@@ -76,6 +76,8 @@ def fcos_losses(logits, box_reg, quality, labels, reg_targets, *, cls_normalizer
 
     box_reg, reg_targets, quality = box_reg[pos_inds], reg_targets[pos_inds], quality[pos_inds]
     ctr_targets = centerness_targets(reg_targets)
+    # A collective: every worker must reach it, also one without positives (else the others hang).
+    ctr_normalizer = centerness_normalizer(ctr_targets)
     if pos_inds.numel() == 0:
         # Keep every prediction in the graph (distributed training needs all parameters used).
         zero = box_reg.sum() * 0.0 + quality.sum() * 0.0
@@ -84,7 +86,7 @@ def fcos_losses(logits, box_reg, quality, labels, reg_targets, *, cls_normalizer
     loc_losses = box_regression_loss(box_reg, reg_targets, loc_loss_type)
     if box_quality == "ctrness":
         # Weighted by the centerness targets, normalised by their sum over all workers.
-        loss_loc = (loc_losses * ctr_targets).sum() / centerness_normalizer(ctr_targets)
+        loss_loc = (loc_losses * ctr_targets).sum() / ctr_normalizer
         quality_targets = ctr_targets
     elif box_quality == "iou":
         loss_loc = loc_losses.sum() / num_pos_avg

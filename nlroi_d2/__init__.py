@@ -3,6 +3,7 @@ plus Soft-NMS and box voting for Detectron2's R-CNN models. Importing it registe
 from .block import NLRoIBlock
 from .box_head import NLRoIConvFCHead
 from .box_voting import box_voting
+from . import datasets  # noqa: F401  (registers the built-in dataset names)
 from .config import add_nlroi_config
 from .inference import PostprocessSettings, SoftNMSFastRCNNOutputLayers, fast_rcnn_inference_soft
 from .keypoint_head import NLRoIKRCNNConvDeconvUpsampleHead

@@ -12,7 +12,6 @@ from adet_lite.blendmask.basis_module import ProtoNet
 from adet_lite.blendmask.blendmask import thing_semantic_targets
 from d2ext.testing import build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, tiny_cfg, train_step
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 BLENDMASK_YAML = config_path("quickstart/blendmask_R18_synthetic.yaml")
 # Test-sized on top of the quick-start config: ~100 px inputs, one conv per tower.

@@ -15,7 +15,6 @@ from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batc
 sys.path.insert(0, os.path.join(REPO_ROOT, "projects"))
 from convert_checkpoint import convert  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 TSV = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference", "adelaidet_keys", "blendmask.tsv")
 CONFIG = "BlendMask/R_50_1x.yaml"

@@ -15,7 +15,6 @@ from d2ext.layers import aligned_bilinear
 from d2ext.testing import (
     build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, tiny_cfg, train_step)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 CONDINST_YAML = config_path("quickstart/condinst_R18_synthetic.yaml")
 # Test-sized on top of the quick-start config: ~100 px inputs, one conv per tower.

@@ -10,7 +10,6 @@ from adet_lite.condinst.boxinst import (
     unfold_without_center)
 from d2ext.testing import build_tiny_model, config_path, dataset_batch, tiny_cfg, train_step
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 BOXINST_YAML = config_path("quickstart/boxinst_R18_synthetic.yaml")
 SMALL = ["INPUT.MIN_SIZE_TEST", 96, "INPUT.MAX_SIZE_TEST", 144, "MODEL.FCOS.NUM_CLS_CONVS", 1,

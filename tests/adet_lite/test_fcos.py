@@ -13,7 +13,6 @@ from adet_lite.fcos.targets import (
 from d2ext.testing import (
     build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg, train_step)
 
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 FCOS_YAML = config_path("quickstart/fcos_R18_synthetic.yaml")
 # Test-sized on top of the quick-start config: ~100 px inputs, one conv per tower.

@@ -11,8 +11,7 @@ from detectron2.structures import Keypoints
 from torchvision.ops import box_iou
 
 import nlroi_d2  # noqa: F401  (registers the heads)
-from d2ext.testing import (build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg,
-                           train_step)
+from d2ext.testing import (build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, tiny_cfg, train_step)
 
 NLROI = config_path("quickstart/nlroi_mask_rcnn_R18_FPN_synthetic.yaml")
 PLAIN = config_path("quickstart/nlroi_plain_mask_rcnn_R18_FPN_synthetic.yaml")
@@ -68,7 +67,7 @@ def test_box_head_with_fc_only():
     cfg = small_cfg(opts=["MODEL.ROI_BOX_HEAD.NUM_CONV", 0, "MODEL.ROI_BOX_HEAD.NUM_FC", 2])
     model, _, _ = check_train_and_inference(cfg)
     fc1 = model.roi_heads.box_head.fc1
-    assert fc1.nonlocal_weight.shape == (256, cfg.MODEL.NL_ROI.G_CHANNELS * 7 * 7)
+    assert fc1.nonlocal_weight.shape == (cfg.MODEL.ROI_BOX_HEAD.FC_DIM, cfg.MODEL.NL_ROI.G_CHANNELS * 7 * 7)
 
 
 def test_keypoint_model():
@@ -157,12 +156,18 @@ def test_plain_checkpoint_reproduces_plain_model_exactly(tmp_path):
 
 
 def test_overfit_one_image():
+    """40 Adam steps on one 96x128 built-in image: the loss falls and every trained-on object is found.
+
+    Adam, not SGD: from scratch, SGD's loss curve on one image depended on the seed and thread count.
+    The total loss falls less than its parts because more proposals become foreground as the RPN
+    learns, which raises the box-regression term."""
     cfg = small_cfg()
     model = build_tiny_model(cfg, seed=0)
     batch = dataset_batch(cfg, indices=(0,))
-    history = overfit(model, batch, iterations=30, lr=0.02)
-    first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
-    assert last < 0.5 * first, history
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    history = [sum(train_step(model, batch, optimizer).values()) for _ in range(40)]
+    first, last = sum(history[:3]) / 3, sum(history[-5:]) / 5
+    assert last < 0.65 * first, history
 
     model.eval()
     with torch.no_grad():
@@ -170,4 +175,5 @@ def test_overfit_one_image():
     gt = batch[0]["instances"].gt_boxes.tensor
     scale = out.image_size[0] / batch[0]["image"].shape[1]  # outputs are at the record's size
     pred = out.pred_boxes.tensor[:10] / scale
-    assert len(pred) and (box_iou(gt, pred).max(dim=1).values > 0.5).any(), (history, pred, gt)
+    assert len(gt) and len(pred), (history, out)
+    assert (box_iou(gt, pred).max(dim=1).values > 0.5).all(), (history, pred, gt)

@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""NL-RoI overhead against the plain GN Mask R-CNN, measured in the same run; prints three tables with
+ratios, the command and the machine.
+
+1. Whole model: NL-RoI Mask R-CNN R-50-FPN-GN vs the plain GN model (``configs/NL-RoI/*_1x.yaml``),
+   inference and one training step, at ``--size`` with ``--proposals`` RPN proposals per image.
+2. The NL-RoI block alone (D = 256, Df = 64, Dg = 32, 7 x 7 RoIs of one image) vs the plain GN box head
+   (4 conv + 1 fc) on the same N RoIs, for N in ``--rois``.
+3. Soft-NMS (linear) + box voting vs Detectron2's per-class hard NMS on ``--proposals`` boxes x 80
+   classes, as a share of the NL-RoI model's inference time from table 1.
+
+    python benchmarks/nlroi_bench.py                      # 800 x 1333, 1000 proposals (the issue's setting)
+    python benchmarks/nlroi_bench.py --size 256 400 --iters 2 --rois 0 1 100 500 --threads 1
+
+Models are randomly initialised (no downloads). ``ROI_HEADS.SCORE_THRESH_TEST`` is 0 for both models so
+that a random model still sends ``TEST.DETECTIONS_PER_IMAGE`` detections through the mask head, as a
+trained one does.
+"""
+import argparse
+import os
+
+import torch
+
+import d2ext  # noqa: F401  (built-in datasets)
+import nlroi_d2
+from d2ext import benchmark
+from d2ext.engine import setup_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import build_box_head
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLAIN = os.path.join(REPO, "configs/NL-RoI/mask_rcnn_R_50_FPN_GN_plain_1x.yaml")
+NLROI = os.path.join(REPO, "configs/NL-RoI/mask_rcnn_R_50_FPN_GN_nlroi_1x.yaml")
+
+
+def model_cfg(config_file, args):
+    return setup_cfg(config_file, [
+        "MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, "MODEL.RPN.POST_NMS_TOPK_TEST", args.proposals,
+        "MODEL.RPN.PRE_NMS_TOPK_TEST", max(args.proposals, 1000), "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+    ], freeze=False)
+
+
+def ratio_table(header, rows):
+    """rows: (label, baseline seconds, seconds); prints medians in ms and seconds / baseline."""
+    lines = [f"| {header} | baseline ms | NL-RoI ms | x baseline |", "| --- | --- | --- | --- |"]
+    for label, base, value in rows:
+        lines.append(f"| {label} | {base * 1e3:.1f} | {value * 1e3:.1f} | {value / base:.3f} |")
+    return "\n".join(lines)
+
+
+def whole_model_rows(args):
+    """[(mode, plain seconds, NL-RoI seconds)] for inference and one training step."""
+    plain_cfg, nl_cfg = model_cfg(PLAIN, args), model_cfg(NLROI, args)
+    batch = benchmark.synthetic_batch(plain_cfg, 1, args.size[0], args.size[1])
+    rows = []
+    for mode in args.modes:
+        plain, _ = benchmark.measure(plain_cfg, mode, batch, args.warmup, args.iters)
+        nl, _ = benchmark.measure(nl_cfg, mode, batch, args.warmup, args.iters)
+        rows.append((mode, plain, nl))
+    return rows
+
+
+def block_rows(args):
+    """[(N, plain box head seconds, block seconds)] for one image's N RoIs, inference."""
+    cfg = model_cfg(PLAIN, args)
+    shape = ShapeSpec(channels=cfg.MODEL.FPN.OUT_CHANNELS, height=7, width=7)
+    torch.manual_seed(0)
+    head = build_box_head(cfg, shape).to(args.device).eval()
+    block = nlroi_d2.NLRoIBlock(shape.channels, cfg.MODEL.NL_ROI.EMBED_CHANNELS,
+                                cfg.MODEL.NL_ROI.G_CHANNELS).to(args.device).eval()
+    rows = []
+    for n in args.rois:
+        x = torch.randn(n, shape.channels, 7, 7, device=args.device)
+        with torch.no_grad():
+            base = benchmark.median_seconds(lambda: head(x), args.device, args.warmup, args.iters)
+            value = benchmark.median_seconds(lambda: block(x, [n]), args.device, args.warmup, args.iters)
+        rows.append((f"N = {n}", base, value))
+    return rows
+
+
+def postprocess_inputs(num_proposals, num_classes, device, seed=0):
+    """Class-specific boxes (R, 80*4) in clusters (so NMS / voting have overlaps) and softmax scores
+    (R, 81) peaked on a few classes per proposal, on an 800 x 1333 image."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.rand(50, 2, generator=g) * torch.tensor([1333.0, 800.0])
+    centre = centres[torch.randint(0, 50, (num_proposals,), generator=g)]
+    size = 40 + 200 * torch.rand(num_proposals, 1, 2, generator=g)
+    jitter = 15 * torch.randn(num_proposals, num_classes, 2, generator=g)
+    mid = centre[:, None, :] + jitter
+    boxes = torch.cat([mid - size / 2, mid + size / 2], dim=2).reshape(num_proposals, -1)
+    scores = torch.softmax(4 * torch.randn(num_proposals, num_classes + 1, generator=g), dim=1)
+    return boxes.to(device), scores.to(device)
+
+
+def postprocess_rows(args, nl_inference_seconds):
+    """[(label, hard-NMS seconds, Soft-NMS + voting seconds)] and the candidate count."""
+    cfg = model_cfg(NLROI, args)
+    boxes, scores = postprocess_inputs(args.proposals, 80, args.device)
+    size = (800, 1333)
+    score_thresh = 0.05  # the configs' test threshold, not the 0 used for the random models
+    nms, topk = cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE
+    settings = nlroi_d2.PostprocessSettings(soft_nms=True, box_vote=True, box_vote_iou_threshold=0.9)
+
+    def hard():
+        fast_rcnn_inference([boxes], [scores], [size], score_thresh, nms, topk)
+
+    def soft():
+        nlroi_d2.fast_rcnn_inference_soft([boxes], [scores], [size], score_thresh, nms, topk, settings)
+
+    base = benchmark.median_seconds(hard, args.device, args.warmup, args.iters)
+    value = benchmark.median_seconds(soft, args.device, args.warmup, args.iters)
+    candidates = int((scores[:, :-1] > score_thresh).sum())
+    rows = [(f"{args.proposals} x 80 ({candidates} above {score_thresh})", base, value)]
+    share = value / nl_inference_seconds if nl_inference_seconds else None
+    return rows, share
+
+
+def main():
+    parser = argparse.ArgumentParser(description="NL-RoI overhead vs the plain GN Mask R-CNN.")
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"))
+    parser.add_argument("--proposals", type=int, default=1000)
+    parser.add_argument("--rois", nargs="+", type=int, default=[0, 1, 100, 500, 1000, 2000])
+    parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    models = whole_model_rows(args)
+    blocks = block_rows(args)
+    nl_inference = next((nl for mode, _, nl in models if mode == "inference"), None)
+    post, share = postprocess_rows(args, nl_inference)
+
+    print(f"command: {benchmark.command_line()}")
+    print(f"machine: {benchmark.machine_description(args.device, args.threads)}")
+    print(f"input: {args.size[0]}x{args.size[1]}, batch 1, {args.proposals} proposals, "
+          f"median of {args.iters} after {args.warmup} warm-up\n")
+    print("Whole model (baseline: mask_rcnn_R_50_FPN_GN_plain_1x.yaml)")
+    print(ratio_table("mode", models))
+    print("\nNL-RoI block alone (baseline: the plain GN box head on the same RoIs)")
+    print(ratio_table("RoIs of one image", blocks))
+    print("\nPost-processing (baseline: Detectron2's hard NMS)")
+    print(ratio_table("proposals x classes", post))
+    if share is not None:
+        print(f"\nSoft-NMS + voting share of NL-RoI inference: {100 * share:.1f} %")
+
+
+if __name__ == "__main__":
+    main()

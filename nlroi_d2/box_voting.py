@@ -1,6 +1,7 @@
 """Box voting (Gidaris & Komodakis 2015) with Detectron1's scoring methods, batched over classes."""
 import torch
-from torchvision.ops import box_iou
+
+from .soft_nms import _iou_with_row, _pad_by_group
 
 BOX_VOTING_SCORING_METHODS = ("ID", "TEMP_AVG", "AVG", "IOU_AVG", "GENERALIZED_AVG", "QUASI_SUM")
 
@@ -31,6 +32,7 @@ def box_voting(kept_boxes: torch.Tensor, kept_scores: torch.Tensor, all_boxes: t
     - GENERALIZED_AVG: mean(s_j^beta)^(1/beta); QUASI_SUM: sum(s_j) / n^beta.
 
     A kept box with no voter (possible only if it is absent from ``all_boxes``) keeps its box and score.
+    Cost: K x M IoUs, M = the number of boxes of the largest class in ``all_boxes`` (not K x R).
 
     Args:
         kept_boxes: (K, 4) XYXY boxes after NMS; kept_scores: (K,) their (possibly decayed) scores.
@@ -45,20 +47,33 @@ def box_voting(kept_boxes: torch.Tensor, kept_scores: torch.Tensor, all_boxes: t
         raise ValueError("box_voting: give both kept_classes and all_classes, or neither.")
     if kept_boxes.numel() == 0 or all_boxes.numel() == 0:
         return kept_boxes.clone(), kept_scores.clone()
-    iou = box_iou(kept_boxes.float(), all_boxes.float())  # (K, R)
-    votes = iou >= iou_threshold
-    if kept_classes is not None:
-        votes &= kept_classes[:, None] == all_classes[None, :]
-    weight = votes.float()
-    scores = all_scores.float()[None, :]  # (1, R)
+    if kept_classes is None:
+        kept_classes = torch.zeros(kept_boxes.shape[0], dtype=torch.int64, device=kept_boxes.device)
+        all_classes = torch.zeros(all_boxes.shape[0], dtype=torch.int64, device=all_boxes.device)
+
+    # Only boxes of the kept box's class can vote, so compare each kept box with the padded row of
+    # its class (K x M pairs, M = largest class) instead of with all R boxes: with 80 classes the
+    # full K x R IoU matrix is mostly cross-class pairs and dominates post-processing time.
+    classes, class_row_of_all = torch.unique(all_classes, return_inverse=True)
+    class_index = _pad_by_group(class_row_of_all, classes.numel())  # (C, M)
+    class_row = torch.searchsorted(classes, kept_classes.to(classes.dtype)).clamp(max=classes.numel() - 1)
+    voter_index = class_index[class_row]  # (K, M)
+    # Padding, and the row of a kept box whose class is absent from all_boxes, are no voters.
+    is_candidate = (voter_index >= 0) & (classes[class_row] == kept_classes)[:, None]
+    voter_index = voter_index.clamp(min=0)
+    voter_boxes = all_boxes.float()[voter_index]  # (K, M, 4)
+    scores = all_scores.float()[voter_index]  # (K, M)
+
+    iou = _iou_with_row(kept_boxes.float(), voter_boxes)  # (K, M)
+    weight = ((iou >= iou_threshold) & is_candidate).float()
     num_voters = weight.sum(dim=1)  # (K,)
     has_voters = num_voters > 0
     safe_num = num_voters.clamp(min=1)
 
-    score_weight = weight * scores  # (K, R)
-    voted_boxes = (score_weight @ all_boxes.float()) / score_weight.sum(dim=1, keepdim=True).clamp(
-        min=torch.finfo(torch.float32).tiny
-    )
+    score_weight = weight * scores  # (K, M)
+    voted_boxes = torch.einsum("km,kmc->kc", score_weight, voter_boxes) / score_weight.sum(
+        dim=1, keepdim=True
+    ).clamp(min=torch.finfo(torch.float32).tiny)
     if scoring_method == "ID":
         voted_scores = kept_scores.float()
     elif scoring_method == "AVG":

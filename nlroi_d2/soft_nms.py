@@ -18,6 +18,26 @@ def _iou_with_row(picked: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, intersection / union.clamp(min=torch.finfo(union.dtype).tiny), torch.zeros_like(union))
 
 
+def _pad_by_group(group_of_box: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Scatter box indices into a padded layout with one row per group, so that groups can be
+    processed side by side without a Python loop over them.
+
+    Args:
+        group_of_box: (R,) int64 group of each box, in [0, num_groups), every group non-empty.
+
+    Returns:
+        index: (G, M) int64, M = size of the largest group; row g holds the indices of the boxes of
+        group g in increasing order, then -1 padding.
+    """
+    counts = torch.bincount(group_of_box, minlength=num_groups)
+    order = torch.argsort(group_of_box, stable=True)
+    first = torch.cumsum(counts, 0) - counts
+    column = torch.arange(order.numel(), device=group_of_box.device) - first[group_of_box[order]]
+    index = torch.full((num_groups, int(counts.max())), -1, dtype=torch.int64, device=group_of_box.device)
+    index[group_of_box[order], column] = order
+    return index
+
+
 def _decay(iou: torch.Tensor, method: str, sigma: float, iou_threshold: float) -> torch.Tensor:
     """Score multiplier of a box that overlaps the picked box by ``iou`` (Detectron1's three rules)."""
     if method == "linear":
@@ -67,15 +87,9 @@ def batched_soft_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tens
     if boxes.numel() == 0:
         return idxs.new_zeros(0, dtype=torch.int64), scores.new_zeros(0)
 
-    # Scatter the boxes into a padded (G, M) layout, one row per group.
     groups, group_of_box = torch.unique(idxs, return_inverse=True)
-    counts = torch.bincount(group_of_box, minlength=groups.numel())
-    order = torch.argsort(group_of_box, stable=True)
-    first = torch.cumsum(counts, 0) - counts
-    column = torch.arange(order.numel(), device=boxes.device) - first[group_of_box[order]]
-    num_groups, width = groups.numel(), int(counts.max())
-    index = torch.full((num_groups, width), -1, dtype=torch.int64, device=boxes.device)
-    index[group_of_box[order], column] = order
+    num_groups = groups.numel()
+    index = _pad_by_group(group_of_box, num_groups)  # (G, M)
     alive = index >= 0
     safe_index = index.clamp(min=0)
     group_boxes = boxes.float()[safe_index]  # (G, M, 4)

@@ -154,3 +154,29 @@ def test_box_voting_respects_classes():
         box_voting(boxes, scores, boxes, scores, 0.5, "MEDIAN")
     with pytest.raises(ValueError, match="both kept_classes and all_classes"):
         box_voting(boxes, scores, boxes, scores, 0.5, kept_classes=classes)
+
+
+@pytest.mark.parametrize("method", ["ID", "AVG", "IOU_AVG", "TEMP_AVG", "GENERALIZED_AVG", "QUASI_SUM"])
+def test_box_voting_many_classes_matches_per_class_loop(method):
+    boxes, scores = random_boxes(240, 8)
+    classes = torch.randint(0, 40, (240,), generator=torch.Generator().manual_seed(1))
+    keep, kept_scores = batched_soft_nms(boxes, scores, classes, "hard", iou_threshold=0.5, score_threshold=1e-4)
+    # One more kept box, of a class absent from all_boxes but a copy of a box of the last class (the
+    # nearest present one): it has no voters and stays as it is.
+    last_class = classes.max()
+    kept_boxes = torch.cat([boxes[keep], boxes[classes == last_class][:1]])
+    kept_scores = torch.cat([kept_scores, torch.tensor([0.3])])
+    kept_classes = torch.cat([classes[keep], (last_class + 1)[None]])
+    voted, voted_scores = box_voting(kept_boxes, kept_scores, boxes, scores, 0.4, method, 2.0, kept_classes, classes)
+
+    ref_boxes, ref_scores = kept_boxes.clone(), kept_scores.clone()
+    for c in classes.unique().tolist():
+        kept_rows, members = (kept_classes == c).nonzero().flatten(), (classes == c).nonzero().flatten()
+        b, s = reference_box_voting(kept_boxes[kept_rows].tolist(), kept_scores[kept_rows].tolist(),
+                                    boxes[members].tolist(), scores[members].tolist(), 0.4, method, 2.0)
+        ref_boxes[kept_rows], ref_scores[kept_rows] = torch.tensor(b), torch.tensor(s)
+    torch.testing.assert_close(voted, ref_boxes, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(voted_scores, ref_scores, rtol=1e-5, atol=1e-6)
+    # The case needs cross-class overlaps that must not vote.
+    class_blind, _ = box_voting(kept_boxes, kept_scores, boxes, scores, 0.4, method, 2.0)
+    assert (class_blind - voted).abs().max() > 1e-3

@@ -48,33 +48,51 @@ def measure_isolated(config_file, opts, mode, args):
     return queue.get()
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Speed / memory vs Detectron2's Mask R-CNN R50-FPN.")
-    parser.add_argument("--config-file", action="append", default=[], help="repeatable")
-    parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
+def add_measurement_arguments(parser, default_modes):
+    """The options every speed benchmark shares: modes, input size, batch, warm-up / iterations, device, threads."""
+    parser.add_argument("--modes", nargs="+", default=default_modes, choices=["inference", "train"])
     parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for every config")
-    args = parser.parse_args()
 
+
+def measure_and_report(models, args, baseline_name):
+    """Measure every (model, mode) in its own process and print the command, the machine, the input and
+    the ratio table against ``baseline_name``.
+
+    Args:
+        models: list of (name, config file or None for Detectron2's baseline, extra opts).
+        args: parsed ``add_measurement_arguments`` options.
+    Returns:
+        the table's rows: dicts with name, mode, seconds, memory_mb.
+    """
     from d2ext.benchmark import command_line, format_table, machine_description
 
     rows = []
-    for config_file in [None] + args.config_file:
-        name = BASELINE if config_file is None else os.path.relpath(config_file, REPO)
+    for name, config_file, opts in models:
         for mode in args.modes:
-            seconds, memory = measure_isolated(config_file, args.opts, mode, args)
+            seconds, memory = measure_isolated(config_file, opts, mode, args)
             rows.append({"name": name, "mode": mode, "seconds": seconds, "memory_mb": memory})
             print(f"{name} {mode}: {seconds:.3f} s, {memory:.0f} MB", file=sys.stderr, flush=True)
     print(f"command: {command_line()}")
     print(f"machine: {machine_description(args.device, args.threads)}")
     print(f"input: {args.size[0]}x{args.size[1]} (short x max side), batch {args.batch_size}, "
           f"median of {args.iters} after {args.warmup} warm-up")
-    print(format_table(rows, BASELINE))
+    print(format_table(rows, baseline_name))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Speed / memory vs Detectron2's Mask R-CNN R50-FPN.")
+    parser.add_argument("--config-file", action="append", default=[], help="repeatable")
+    add_measurement_arguments(parser, default_modes=["inference", "train"])
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for every config")
+    args = parser.parse_args()
+    models = [(BASELINE if f is None else os.path.relpath(f, REPO), f, args.opts) for f in [None] + args.config_file]
+    measure_and_report(models, args, BASELINE)
 
 
 if __name__ == "__main__":

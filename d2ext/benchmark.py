@@ -1,11 +1,13 @@
-"""Benchmark helpers shared by every benchmark script: timing, peak memory, machine description and
-the ratio table against a Detectron2 baseline measured in the same run."""
+"""Benchmark helpers shared by every benchmark script: timing, peak memory, machine description, the
+ratio table against a Detectron2 baseline measured in the same run, and the learning-benchmark driver."""
+import argparse
 import copy
 import os
 import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -114,3 +116,64 @@ def format_table(rows, baseline_name):
 
 def command_line():
     return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+
+
+def train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device):
+    """Train one config from scratch with Detectron2's trainer, then evaluate it with COCO AP.
+
+    Args:
+        max_iter: iteration budget; 0 keeps the config's schedule, otherwise the LR steps move to the same
+            fractions of the budget.
+    Returns:
+        (iterations, box AP, mask AP, training seconds); an AP is NaN when COCOEvaluator did not report
+        its task (``segm`` needs some detections).
+    """
+    from .engine import Trainer, setup_cfg
+
+    opts = ["OUTPUT_DIR", output_dir, "MODEL.DEVICE", device, "DATASETS.TEST", (eval_dataset,)]
+    if max_iter:
+        cfg = setup_cfg(config_file, opts, freeze=False)
+        fractions = [step / cfg.SOLVER.MAX_ITER for step in cfg.SOLVER.STEPS]
+        steps = tuple(sorted({int(f * max_iter) for f in fractions} - {0}))
+        opts += ["SOLVER.MAX_ITER", max_iter, "SOLVER.STEPS", steps,
+                 "SOLVER.WARMUP_ITERS", min(cfg.SOLVER.WARMUP_ITERS, max_iter), "SOLVER.CHECKPOINT_PERIOD", max_iter]
+    cfg = setup_cfg(config_file, opts)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    results = Trainer.test(cfg, trainer.model)
+    ap = {task: results.get(task, {}).get("AP", float("nan")) for task in ("bbox", "segm")}
+    return cfg.SOLVER.MAX_ITER, ap["bbox"], ap["segm"], train_seconds
+
+
+def learning_benchmark_main(models, description):
+    """Command-line driver of a learning benchmark: parse ``--max-iter``, ``--eval-dataset``, ``--device``
+    and ``--threads``, train and evaluate each model with the same budget (``train_and_evaluate``) and
+    print the box / mask AP table with each mask AP against the first model's (the baseline).
+
+    Args:
+        models: list of (name, config file path); the first is the baseline.
+        description: the script's one-line description (``--help``).
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--max-iter", type=int, default=0, help="iteration budget (0: the configs' own)")
+    parser.add_argument("--eval-dataset", default="synthetic_shapes_val")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, config_file) in enumerate(models):
+            rows.append((name, *train_and_evaluate(config_file, args.max_iter, args.eval_dataset,
+                                                   os.path.join(tmp, str(i)), args.device)))
+    baseline_mask_ap = rows[0][3]
+    print("| model | iterations | box AP | mask AP | mask AP - baseline | train s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, iters, box_ap, mask_ap, seconds in rows:
+        print(f"| {name} | {iters} | {box_ap:.1f} | {mask_ap:.1f} | {mask_ap - baseline_mask_ap:+.1f} | {seconds:.0f} |")
+    print(f"\ncommand: {command_line()}")
+    print(f"machine: {machine_description(args.device)}")

@@ -1,7 +1,9 @@
 """Helpers for the tests of every package: tiny models from YAML, batches of the built-in data,
-train steps, checkpoint round trips and short overfitting runs. No network, CPU only."""
+train steps, inference, checkpoint round trips, fake reference checkpoints and short overfitting runs.
+No network, CPU only."""
 import copy
 import os
+import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -12,6 +14,8 @@ from detectron2.utils.events import EventStorage
 from .engine.config import setup_cfg
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Reference key names and shapes of released checkpoints (../shared/reference/, beside the repository).
+REFERENCE_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference")
 
 
 def config_path(relative):
@@ -59,13 +63,54 @@ def train_step(model, batch, optimizer=None):
     return {k: float(v) for k, v in losses.items()}
 
 
+def loss_history(model, batch, iterations, lr=0.01, momentum=0.9):
+    """Train on one fixed batch with SGD; returns the loss dicts (floats) of every iteration."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    return [train_step(model, batch, optimizer) for _ in range(iterations)]
+
+
 def overfit(model, batch, iterations, lr=0.01, momentum=0.9):
     """Train on one fixed batch; returns the list of total losses (a learning check)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    history = []
-    for _ in range(iterations):
-        history.append(sum(train_step(model, batch, optimizer).values()))
-    return history
+    return [sum(losses.values()) for losses in loss_history(model, batch, iterations, lr, momentum)]
+
+
+def assert_losses_fall(history, total_factor, **loss_factors):
+    """``history``: loss dicts of successive iterations (``loss_history``). The last total loss is below
+    ``total_factor`` x the first, and each named loss below its factor x its first value."""
+    first, last = history[0], history[-1]
+    assert sum(last.values()) < total_factor * sum(first.values()), history
+    for name, factor in loss_factors.items():
+        assert last[name] < factor * first[name], [h[name] for h in history]
+
+
+def predict(model, cfg, indices=(0,)):
+    """Inference in eval mode on the test-time mapped records ``indices`` of ``dataset_batch``'s dataset.
+
+    Returns:
+        (inputs, instances): the mapped inputs and each image's ``Instances``, checked to be at the
+        input's original size (``height`` x ``width``).
+    """
+    inputs = dataset_batch(cfg, is_train=False, indices=indices)
+    model.eval()
+    with torch.no_grad():
+        instances = [out["instances"] for out in model(inputs)]
+    for inp, inst in zip(inputs, instances):
+        assert inst.image_size == (inp["height"], inp["width"])
+    return inputs, instances
+
+
+def assert_same_model(model, other, cfg, fields=("scores",)):
+    """Equal state dicts (names and values), and equal predictions on the first image in ``fields``
+    (``pred_boxes`` compares its tensor), with at least one detection."""
+    ours, theirs = model.state_dict(), other.state_dict()
+    assert ours.keys() == theirs.keys()
+    for name, value in ours.items():
+        assert torch.equal(value, theirs[name]), name
+    a, b = predict(model, cfg)[1][0], predict(other, cfg)[1][0]
+    assert len(a) > 0
+    for field in fields:
+        value_a, value_b = a.get(field), b.get(field)
+        assert torch.equal(getattr(value_a, "tensor", value_a), getattr(value_b, "tensor", value_b)), field
 
 
 def checkpoint_round_trip(model, cfg, directory):
@@ -77,3 +122,45 @@ def checkpoint_round_trip(model, cfg, directory):
     other = build_tiny_model(cfg, seed=1)  # another init, so that loading must overwrite it
     DetectionCheckpointer(other).load(os.path.join(directory, "round_trip.pth"))
     return other
+
+
+def assert_checkpoint_round_trip(cfg, directory, fields=("scores",)):
+    """Train a tiny model one step (BN statistics leave their init), save it and load it into a newly
+    initialised model (``checkpoint_round_trip``), then ``assert_same_model`` on ``fields``."""
+    model = build_tiny_model(cfg)
+    train_step(model, dataset_batch(cfg))
+    assert_same_model(model, checkpoint_round_trip(model.eval(), cfg, directory), cfg, fields)
+
+
+def read_reference_keys(relative):
+    """A reference key list under ``REFERENCE_DIR``: tab-separated name, shape ("(256, 3, 3, 3)") and
+    optionally dtype; "#" lines and a "name" header are skipped.
+
+    Returns:
+        list of (name, shape tuple, dtype or None).
+    """
+    path = os.path.join(REFERENCE_DIR, relative)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"reference key list {path} is missing")
+    entries = []
+    with open(path) as f:
+        for line in f:
+            if line.startswith(("#", "name")) or not line.strip():
+                continue
+            name, shape, *rest = line.rstrip("\n").split("\t")
+            entries.append((name, tuple(int(s) for s in re.findall(r"\d+", shape)), rest[0] if rest else None))
+    return entries
+
+
+def random_weight(name, shape):
+    """A fake checkpoint value: positive where a real one must be (BN ``running_var``, FCOS ``scale``)."""
+    if name.endswith(("running_var", ".scale")):
+        return torch.rand(shape) + 0.5
+    return torch.randn(shape) * 0.1
+
+
+def fake_bottom_up_state(model):
+    """Random ``random_weight`` values for the ResNet keys of ``model`` (``backbone.bottom_up.*``, Detectron2's
+    names, which reference checkpoints in Detectron2 format share); integer buffers are copied."""
+    return {name: random_weight(name, value.shape) if value.is_floating_point() else value.clone()
+            for name, value in model.state_dict().items() if name.startswith("backbone.bottom_up.")}

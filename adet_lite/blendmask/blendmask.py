@@ -1,15 +1,15 @@
 from typing import Dict, List
 
-import torch
 from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_proposal_generator
 from detectron2.modeling.postprocessing import detector_postprocess
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Instances
 
-from d2ext.layers import padded_bitmasks, semantic_targets
+from d2ext.layers import PixelNormalizationMixin, padded_bitmasks, semantic_targets
 
+from ..fcos.head import top_feats_conv
 from ..fcos.losses import centerness_normalizer
 from ..fcos.targets import centerness_targets
 from .basis_module import build_basis_module
@@ -31,7 +31,7 @@ def thing_semantic_targets(gt_instances: List[Instances], padded_size, num_class
 
 
 @META_ARCH_REGISTRY.register()
-class BlendMask(nn.Module):
+class BlendMask(PixelNormalizationMixin, nn.Module):
     """BlendMask (Chen et al., CVPR 2020): FCOS plus a bottom module predicting K bases over the image and
     a top layer predicting, for each detection, K attention maps of M x M; the blender crops the bases
     with the box (RoIAlign to R x R), resizes the attentions to R x R, softmaxes them over K and sums
@@ -58,15 +58,11 @@ class BlendMask(nn.Module):
         self.proposal_generator = proposal_generator
         self.basis_module = basis_module
         self.blender = blender
-        tower_channels = {s.channels for s in backbone.output_shape().values()}.pop()
-        self.top_layer = nn.Conv2d(tower_channels, num_bases * blender.attn_size ** 2, kernel_size=3, padding=1)
-        nn.init.normal_(self.top_layer.weight, std=0.01)
-        nn.init.constant_(self.top_layer.bias, 0.0)
+        self.top_layer = top_feats_conv(backbone.output_shape(), num_bases * blender.attn_size ** 2)
         self.instance_loss_weight = instance_loss_weight
         self.semantic_loss = semantic_loss
         self.mask_threshold = mask_threshold
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
 
     @classmethod
     def from_config(cls, cfg):
@@ -98,14 +94,6 @@ class BlendMask(nn.Module):
             "instance_loss_weight": cfg.MODEL.BLENDMASK.INSTANCE_LOSS_WEIGHT,
             "semantic_loss": (basis.NUM_CLASSES, basis.COMMON_STRIDE) if basis.LOSS_ON else None,
         }
-
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs: List[Dict]):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
         """Detectron2's meta-architecture interface: losses in training, else per image

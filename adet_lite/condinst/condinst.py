@@ -6,10 +6,12 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_proposal_generator
 from detectron2.layers import cat
-from detectron2.structures import ImageList, Instances
+from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
-from d2ext.layers import aligned_bilinear, padded_bitmasks, postprocess_full_image_masks
+from d2ext.layers import PixelNormalizationMixin, aligned_bilinear, padded_bitmasks, postprocess_full_image_masks
+
+from ..fcos.head import top_feats_conv
 
 from .boxinst import add_box_bitmask_targets, boxinst_losses, color_similarity, rgb_to_lab
 from .dynamic_mask_head import DynamicMaskHead
@@ -32,7 +34,7 @@ def add_bitmask_targets(instances: Instances, padded_height, padded_width, mask_
 
 
 @META_ARCH_REGISTRY.register()
-class CondInst(nn.Module):
+class CondInst(PixelNormalizationMixin, nn.Module):
     """CondInst (Tian et al., ECCV 2020): FCOS plus, per detection, a tiny mask FCN whose weights a
     controller predicts from the box tower, applied to a shared mask-branch output.
 
@@ -58,17 +60,13 @@ class CondInst(nn.Module):
         self.proposal_generator = proposal_generator
         self.mask_branch = mask_branch
         self.mask_head = mask_head
-        tower_channels = {s.channels for s in backbone.output_shape().values()}.pop()
-        self.controller = nn.Conv2d(tower_channels, mask_head.num_params, kernel_size=3, padding=1)
-        nn.init.normal_(self.controller.weight, std=0.01)
-        nn.init.constant_(self.controller.bias, 0.0)
+        self.controller = top_feats_conv(backbone.output_shape(), mask_head.num_params)
         self.max_proposals = max_proposals
         self.topk_proposals_per_im = topk_proposals_per_im
         self.mask_threshold = mask_threshold
         self.boxinst = boxinst
         self.input_format = input_format
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
 
     @classmethod
     def from_config(cls, cfg):
@@ -101,14 +99,6 @@ class CondInst(nn.Module):
             "boxinst": boxinst,
             "input_format": cfg.INPUT.FORMAT,
         }
-
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs: List[Dict]):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.backbone.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
         """Detectron2's meta-architecture interface: losses in training, else per image

@@ -1,6 +1,6 @@
 import math
 import re
-from typing import List
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,17 @@ class Scale(nn.Module):
 
     def forward(self, x):
         return x * self.scale
+
+
+def top_feats_conv(backbone_shape: Dict[str, ShapeSpec], out_channels):
+    """A ``top_module`` for ``FCOS.predict``: the 3x3 conv that CondInst's controller and BlendMask's top
+    layer run on each level's box tower, (N, C, H, W) -> (N, out_channels, H, W), C the backbone's channels
+    (the same on every level). Weights N(0, 0.01), zero bias."""
+    tower_channels = {s.channels for s in backbone_shape.values()}.pop()
+    conv = nn.Conv2d(tower_channels, out_channels, kernel_size=3, padding=1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.constant_(conv.bias, 0.0)
+    return conv
 
 
 class FCOSHead(ReferenceCheckpointMixin, nn.Module):

@@ -7,9 +7,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import BitMasks, ImageList, Instances
+from detectron2.structures import BitMasks, Instances
 
-from d2ext.layers import padded_bitmasks, postprocess_full_image_masks, rename_reference_keys
+from d2ext.layers import PixelNormalizationMixin, padded_bitmasks, postprocess_full_image_masks, rename_reference_keys
 
 from .category_branch import CategoryBranch
 from .checkpoint import reference_format, rename_reference_key
@@ -71,7 +71,7 @@ def _instance_channels(backbone, in_features, node_name):
 
 
 @META_ARCH_REGISTRY.register()
-class SOLO(nn.Module):
+class SOLO(PixelNormalizationMixin, nn.Module):
     """SOLO: an S x S grid per FPN level; each cell predicts the class and the mask of the instance whose
     centre falls in it. The mask branch decides the variant (S^2 masks, decoupled X / Y masks, or
     SOLOv2's dynamic kernels, see ``SOLOv2``)."""
@@ -124,8 +124,7 @@ class SOLO(nn.Module):
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
         self.inference_params = inference_params
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.register_pixel_stats(pixel_mean, pixel_std)
 
     @classmethod
     def from_config(cls, cfg):
@@ -153,10 +152,6 @@ class SOLO(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
-    @property
-    def device(self):
-        return self.pixel_mean.device
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Released mmdetection / AdelaiDet checkpoints load as they are: their keys are renamed here.
@@ -168,13 +163,6 @@ class SOLO(nn.Module):
                                   error_msgs, source, ignored=dropped)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-
-    def preprocess_image(self, batched_inputs):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        # Newer Detectron2 backbones may carry padding constraints; v0.6 has only size_divisibility.
-        constraints = getattr(self.backbone, "padding_constraints", None)
-        extra = {"padding_constraints": constraints} if constraints is not None else {}
-        return ImageList.from_tensors(images, self.backbone.size_divisibility, **extra)
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """Detectron2's model interface: losses in training, ``[{"instances": Instances}]`` at test,

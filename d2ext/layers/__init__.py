@@ -2,6 +2,7 @@
 from .conv import conv_norm_relu, conv_norm_relu_reference_key
 from .coords import coordinate_features
 from .gt_masks import padded_bitmasks, semantic_targets
+from .images import PixelNormalizationMixin
 from .losses import dice_loss
 from .mmdet_names import mmdet_resnet_fpn_key
 from .postprocess import postprocess_full_image_masks
@@ -9,6 +10,7 @@ from .state_dict import ReferenceCheckpointMixin, rename_reference_keys
 from .upsample import aligned_bilinear
 
 __all__ = [
+    "PixelNormalizationMixin",
     "ReferenceCheckpointMixin",
     "aligned_bilinear",
     "conv_norm_relu",

@@ -10,7 +10,9 @@ from detectron2.structures import BitMasks, Boxes, Instances
 from adet_lite.blendmask import Blender, blend, blender_mask_loss
 from adet_lite.blendmask.basis_module import ProtoNet
 from adet_lite.blendmask.blendmask import thing_semantic_targets
-from d2ext.testing import build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, tiny_cfg, train_step
+from d2ext.testing import (
+    assert_checkpoint_round_trip, assert_losses_fall, build_tiny_model, config_path, dataset_batch, loss_history,
+    predict, tiny_cfg, train_step)
 
 
 BLENDMASK_YAML = config_path("quickstart/blendmask_R18_synthetic.yaml")
@@ -219,13 +221,8 @@ def test_train_step_with_an_empty_image_and_no_positive():
 
 def test_inference_masks_at_original_size():
     cfg = tiny_cfg(BLENDMASK_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-    model = build_tiny_model(cfg).eval()
-    inputs = dataset_batch(cfg, is_train=False, indices=(0, 1))
-    with torch.no_grad():
-        outputs = model(inputs)
-    for inp, out in zip(inputs, outputs):
-        inst = out["instances"]
-        assert inst.image_size == (inp["height"], inp["width"])
+    inputs, instances = predict(build_tiny_model(cfg), cfg, indices=(0, 1))
+    for inp, inst in zip(inputs, instances):
         assert len(inst) > 0
         assert inst.pred_masks.shape == (len(inst), inp["height"], inp["width"])
         assert inst.pred_masks.dtype == torch.bool
@@ -240,12 +237,9 @@ def test_inference_masks_at_original_size():
 
 def test_zero_detections():
     cfg = tiny_cfg(BLENDMASK_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 1.0])
-    model = build_tiny_model(cfg).eval()
-    inp = dataset_batch(cfg, is_train=False, indices=(0,))
-    with torch.no_grad():
-        inst = model(inp)[0]["instances"]
+    (inp,), (inst,) = predict(build_tiny_model(cfg), cfg)
     assert len(inst) == 0
-    assert inst.pred_masks.shape == (0, inp[0]["height"], inp[0]["width"]) and inst.pred_masks.dtype == torch.bool
+    assert inst.pred_masks.shape == (0, inp["height"], inp["width"]) and inst.pred_masks.dtype == torch.bool
 
 
 @pytest.mark.parametrize("opts, message", [
@@ -273,24 +267,10 @@ def test_training_without_masks_is_a_clear_error():
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = tiny_cfg(BLENDMASK_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-    model = build_tiny_model(cfg)
-    train_step(model, dataset_batch(cfg))  # move BN statistics away from their init
-    other = checkpoint_round_trip(model.eval(), cfg, str(tmp_path))
-    assert model.state_dict().keys() == other.state_dict().keys()
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, other.state_dict()[name]), name
-    inputs = dataset_batch(cfg, is_train=False, indices=(0,))
-    with torch.no_grad():
-        a, b = model(inputs)[0]["instances"], other.eval()(inputs)[0]["instances"]
-    assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.scores, b.scores)
+    assert_checkpoint_round_trip(cfg, str(tmp_path), fields=("pred_masks", "scores"))
 
 
 def test_overfit_losses_fall():
     cfg = tiny_cfg(BLENDMASK_YAML, SMALL)
-    model = build_tiny_model(cfg)
-    batch = dataset_batch(cfg, indices=(0, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    history = [train_step(model, batch, optimizer) for _ in range(20)]
-    first, last = history[0], history[-1]
-    assert sum(last.values()) < 0.5 * sum(first.values()), history
-    assert last["loss_mask"] < 0.8 * first["loss_mask"], [h["loss_mask"] for h in history]
+    history = loss_history(build_tiny_model(cfg), dataset_batch(cfg, indices=(0, 1)), iterations=20, lr=0.02)
+    assert_losses_fall(history, 0.5, loss_mask=0.8)

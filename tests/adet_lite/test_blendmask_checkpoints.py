@@ -10,13 +10,15 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batch, tiny_cfg
+from d2ext.testing import (
+    REPO_ROOT, assert_same_model, build_tiny_model, config_path, fake_bottom_up_state, predict, random_weight,
+    read_reference_keys, tiny_cfg)
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "projects"))
 from convert_checkpoint import convert  # noqa: E402
 
 
-TSV = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference", "adelaidet_keys", "blendmask.tsv")
+TSV = "adelaidet_keys/blendmask.tsv"
 CONFIG = "BlendMask/R_50_1x.yaml"
 # The full-size R-50 model runs on small inputs; random weights need a zero threshold.
 OPTS = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0]
@@ -42,25 +44,10 @@ def _expected_name(name):
 
 
 def _fake_adelaidet_checkpoint(model):
-    if not os.path.exists(TSV):
-        pytest.fail(f"reference key list {TSV} is missing")
     torch.manual_seed(0)
-    state = OrderedDict()
-    with open(TSV) as f:
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            name, shape, dtype = line.rstrip("\n").split("\t")
-            shape = tuple(int(s) for s in re.findall(r"\d+", shape))
-            if dtype == "int64":
-                state[name] = torch.randint(0, 100, shape)
-            elif name.endswith("running_var"):
-                state[name] = torch.rand(shape) + 0.5  # positive, for sane outputs
-            else:
-                state[name] = torch.randn(shape) * 0.1
-    for name, value in model.state_dict().items():  # ResNet keys: Detectron2's names (not in the .tsv)
-        if name.startswith("backbone.bottom_up."):
-            state[name] = torch.rand(value.shape) + 0.5 if name.endswith("running_var") else torch.randn(value.shape) * 0.1
+    state = OrderedDict((name, torch.randint(0, 100, shape) if dtype == "int64" else random_weight(name, shape))
+                        for name, shape, dtype in read_reference_keys(TSV))
+    state.update(fake_bottom_up_state(model))  # ResNet keys: Detectron2's names (not in the .tsv)
     return state
 
 
@@ -76,11 +63,6 @@ def adelaidet(tmp_path_factory):
     return cfg, model, state, path
 
 
-def _outputs(model, cfg):
-    with torch.no_grad():
-        return model(dataset_batch(cfg, is_train=False, indices=(0,)))[0]["instances"]
-
-
 def test_adelaidet_checkpoint_loads_and_equals_converted(adelaidet, tmp_path):
     cfg, model, state, path = adelaidet
     ours = model.state_dict()
@@ -92,13 +74,10 @@ def test_adelaidet_checkpoint_loads_and_equals_converted(adelaidet, tmp_path):
 
     converted = str(tmp_path / "converted.pth")
     convert(config_path(CONFIG), path, converted, ["MODEL.WEIGHTS", "", *OPTS])
-    other = build_tiny_model(cfg, seed=1).eval()
+    other = build_tiny_model(cfg, seed=1)
     DetectionCheckpointer(other).load(converted)
-    for name, value in other.state_dict().items():
-        assert torch.equal(value, ours[name]), name
-    a, b = _outputs(model, cfg), _outputs(other, cfg)
-    assert len(a) > 0 and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
-    assert torch.equal(a.pred_masks, b.pred_masks) and a.pred_masks.any()
+    assert_same_model(model, other, cfg, fields=("pred_boxes", "scores", "pred_masks"))
+    assert predict(model, cfg)[1][0].pred_masks.any()
 
 
 def test_semantic_head_weights_dropped_without_loss_on(adelaidet):
@@ -107,7 +86,7 @@ def test_semantic_head_weights_dropped_without_loss_on(adelaidet):
     other = build_tiny_model(cfg_off, seed=1).eval()
     DetectionCheckpointer(other).load(path)  # the seg_head keys only train: no error
     assert not any("semantic" in name for name in other.state_dict())
-    a, b = _outputs(model, cfg), _outputs(other, cfg_off)
+    a, b = predict(model, cfg)[1][0], predict(other, cfg_off)[1][0]
     assert len(a) > 0 and torch.equal(a.scores, b.scores) and torch.equal(a.pred_masks, b.pred_masks)
 
 

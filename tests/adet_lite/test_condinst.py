@@ -13,7 +13,8 @@ from adet_lite.condinst.sampling import sample_positives
 from adet_lite.fcos.targets import compute_locations
 from d2ext.layers import aligned_bilinear
 from d2ext.testing import (
-    build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, tiny_cfg, train_step)
+    assert_checkpoint_round_trip, assert_losses_fall, build_tiny_model, config_path, dataset_batch, loss_history,
+    predict, tiny_cfg, train_step)
 
 
 CONDINST_YAML = config_path("quickstart/condinst_R18_synthetic.yaml")
@@ -220,13 +221,8 @@ def test_train_step_with_an_empty_image_and_semantic_loss():
 
 def test_inference_full_image_masks_at_original_size():
     cfg = tiny_cfg(CONDINST_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-    model = build_tiny_model(cfg).eval()
-    inputs = dataset_batch(cfg, is_train=False, indices=(0, 1))
-    with torch.no_grad():
-        outputs = model(inputs)
-    for inp, out in zip(inputs, outputs):
-        inst = out["instances"]
-        assert inst.image_size == (inp["height"], inp["width"])
+    inputs, instances = predict(build_tiny_model(cfg), cfg, indices=(0, 1))
+    for inp, inst in zip(inputs, instances):
         assert len(inst) > 0
         assert inst.pred_masks.shape == (len(inst), inp["height"], inp["width"])
         assert inst.pred_masks.dtype == torch.bool
@@ -236,11 +232,8 @@ def test_inference_full_image_masks_at_original_size():
 
 def test_zero_detections():
     cfg = tiny_cfg(CONDINST_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 1.0])
-    model = build_tiny_model(cfg).eval()
-    inp = dataset_batch(cfg, is_train=False, indices=(0,))
-    with torch.no_grad():
-        inst = model(inp)[0]["instances"]
-    assert len(inst) == 0 and inst.pred_masks.shape == (0, inp[0]["height"], inp[0]["width"])
+    (inp,), (inst,) = predict(build_tiny_model(cfg), cfg)
+    assert len(inst) == 0 and inst.pred_masks.shape == (0, inp["height"], inp["width"])
 
 
 def test_bad_config_values_are_clear_errors():
@@ -256,23 +249,10 @@ def test_bad_config_values_are_clear_errors():
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = tiny_cfg(CONDINST_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-    model = build_tiny_model(cfg)
-    train_step(model, dataset_batch(cfg))  # move BN statistics away from their init
-    other = checkpoint_round_trip(model.eval(), cfg, str(tmp_path))
-    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
-        assert torch.equal(a, b), name
-    inputs = dataset_batch(cfg, is_train=False, indices=(0,))
-    with torch.no_grad():
-        a, b = model(inputs)[0]["instances"], other.eval()(inputs)[0]["instances"]
-    assert len(a) > 0 and torch.equal(a.pred_masks, b.pred_masks) and torch.equal(a.scores, b.scores)
+    assert_checkpoint_round_trip(cfg, str(tmp_path), fields=("pred_masks", "scores"))
 
 
 def test_overfit_losses_fall():
     cfg = tiny_cfg(CONDINST_YAML, SMALL)
-    model = build_tiny_model(cfg)
-    batch = dataset_batch(cfg, indices=(0, 1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
-    history = [train_step(model, batch, optimizer) for _ in range(20)]
-    first, last = history[0], history[-1]
-    assert sum(last.values()) < 0.5 * sum(first.values()), history
-    assert last["loss_mask"] < 0.8 * first["loss_mask"], [h["loss_mask"] for h in history]
+    history = loss_history(build_tiny_model(cfg), dataset_batch(cfg, indices=(0, 1)), iterations=20, lr=0.02)
+    assert_losses_fall(history, 0.5, loss_mask=0.8)

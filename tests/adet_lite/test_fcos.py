@@ -11,7 +11,7 @@ from adet_lite.fcos.losses import fcos_losses
 from adet_lite.fcos.targets import (
     centerness_targets, compute_locations, fcos_targets_single_image, level_size_ranges)
 from d2ext.testing import (
-    build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg, train_step)
+    assert_checkpoint_round_trip, build_tiny_model, config_path, dataset_batch, overfit, predict, tiny_cfg, train_step)
 
 
 FCOS_YAML = config_path("quickstart/fcos_R18_synthetic.yaml")
@@ -262,13 +262,8 @@ def test_train_step_with_an_empty_image_and_inference():
     assert all(math.isfinite(v) and v > 0 for v in losses.values())
     assert all(p.grad is not None for p in model.proposal_generator.parameters())
 
-    model.eval()
-    inputs = dataset_batch(cfg, is_train=False, indices=(0, 1))
-    with torch.no_grad():
-        outputs = model(inputs)
-    for inp, out in zip(inputs, outputs):
-        inst = out["instances"]
-        assert inst.image_size == (inp["height"], inp["width"])
+    inputs, instances = predict(model, cfg, indices=(0, 1))
+    for inp, inst in zip(inputs, instances):
         assert len(inst) > 0 and inst.has("pred_boxes") and inst.has("scores") and inst.has("pred_classes")
         assert inst.pred_boxes.tensor[:, 2].max() <= inp["width"]
         assert len(inst) <= cfg.MODEL.FCOS.POST_NMS_TOPK_TEST
@@ -276,23 +271,13 @@ def test_train_step_with_an_empty_image_and_inference():
 
 def test_zero_detections():
     cfg = tiny_cfg(FCOS_YAML, SMALL_INPUT + ["MODEL.FCOS.INFERENCE_TH_TEST", 1.0])
-    model = build_tiny_model(cfg).eval()
-    with torch.no_grad():
-        inst = model(dataset_batch(cfg, is_train=False, indices=(0,)))[0]["instances"]
+    _, (inst,) = predict(build_tiny_model(cfg), cfg)
     assert len(inst) == 0 and inst.pred_boxes.tensor.shape == (0, 4)
 
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = tiny_cfg(FCOS_YAML, SMALL_INPUT + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-    model = build_tiny_model(cfg)
-    train_step(model, dataset_batch(cfg))  # move BN statistics away from their init
-    other = checkpoint_round_trip(model.eval(), cfg, str(tmp_path))
-    for (name, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
-        assert torch.equal(a, b), name
-    inputs = dataset_batch(cfg, is_train=False, indices=(0,))
-    with torch.no_grad():
-        a, b = model(inputs)[0]["instances"], other.eval()(inputs)[0]["instances"]
-    assert len(a) > 0 and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
+    assert_checkpoint_round_trip(cfg, str(tmp_path), fields=("pred_boxes", "scores"))
 
 
 def test_overfit_loss_falls():

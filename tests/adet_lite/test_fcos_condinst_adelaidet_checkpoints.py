@@ -10,31 +10,18 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batch, tiny_cfg
+from d2ext.testing import (
+    REPO_ROOT, assert_same_model, build_tiny_model, config_path, fake_bottom_up_state, random_weight,
+    read_reference_keys, tiny_cfg)
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "projects"))
 from convert_checkpoint import convert  # noqa: E402
 
 
-KEYS_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference", "adelaidet_keys")
 # Full-size R-50 models (the .tsv shapes) run on small inputs; random weights need a zero threshold.
 OPTS = ["INPUT.MIN_SIZE_TEST", 64, "INPUT.MAX_SIZE_TEST", 96, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0]
 CASES = {"fcos": "FCOS/MS_R_50_1x.yaml", "condinst": "CondInst/MS_R_50_1x.yaml",
          "boxinst": "CondInst/BoxInst_MS_R_50_3x.yaml"}
-
-
-def _tsv_entries(method):
-    path = os.path.join(KEYS_DIR, f"{method}.tsv")
-    if not os.path.exists(path):
-        pytest.fail(f"reference key list {path} is missing")
-    entries = []
-    with open(path) as f:
-        for line in f:
-            if line.startswith("#") or not line.strip():
-                continue
-            name, shape, dtype = line.rstrip("\n").split("\t")
-            entries.append((name, tuple(int(s) for s in re.findall(r"\d+", shape)), dtype))
-    return entries
 
 
 def _expected_name(adelaidet_name):
@@ -52,36 +39,23 @@ def _expected_name(adelaidet_name):
     return name.replace("mask_branch.tower.4.", "mask_branch.predictor.")
 
 
-def _random_value(name, shape):
-    if name.endswith(("running_var", ".scale")):  # must be positive for sane outputs
-        return torch.rand(shape) + 0.5
-    return torch.randn(shape) * 0.1
-
-
 def _fake_adelaidet_checkpoint(method, model):
     torch.manual_seed(0)
     state = OrderedDict()
-    for name, shape, dtype in _tsv_entries(method):
+    for name, shape, dtype in read_reference_keys(f"adelaidet_keys/{method}.tsv"):
         if name == "mask_head.sizes_of_interest":
             state[name] = torch.tensor([64, 128, 256, 512, 1024])
         elif dtype == "int64":
             state[name] = torch.randint(0, 100, shape)
         else:
-            state[name] = _random_value(name, shape)
-    for name, value in model.state_dict().items():  # ResNet keys: Detectron2's names (not in the .tsv)
-        if name.startswith("backbone.bottom_up."):
-            state[name] = _random_value(name, value.shape) if value.is_floating_point() else value.clone()
+            state[name] = random_weight(name, shape)
+    state.update(fake_bottom_up_state(model))  # ResNet keys: Detectron2's names (not in the .tsv)
     return state
 
 
 def _build(method):
     cfg = tiny_cfg(config_path(CASES[method]), OPTS)
     return cfg, build_tiny_model(cfg).eval()
-
-
-def _outputs(model, cfg):
-    with torch.no_grad():
-        return model(dataset_batch(cfg, is_train=False, indices=(0,)))[0]["instances"]
 
 
 @pytest.mark.parametrize("method", ["fcos", "condinst", "boxinst"])
@@ -101,14 +75,10 @@ def test_adelaidet_checkpoint_loads_and_equals_converted(method, tmp_path):
 
     converted = str(tmp_path / "converted.pth")
     convert(config_path(CASES[method]), path, converted, ["MODEL.WEIGHTS", "", *OPTS])
-    other = build_tiny_model(cfg, seed=1).eval()
+    other = build_tiny_model(cfg, seed=1)
     DetectionCheckpointer(other).load(converted)
-    for name, value in other.state_dict().items():
-        assert torch.equal(value, ours[name]), name
-    a, b = _outputs(model, cfg), _outputs(other, cfg)
-    assert len(a) > 0 and torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
-    if method != "fcos":
-        assert torch.equal(a.pred_masks, b.pred_masks)
+    fields = ("pred_boxes", "scores") if method == "fcos" else ("pred_boxes", "scores", "pred_masks")
+    assert_same_model(model, other, cfg, fields)
 
 
 def test_old_centerness_name_loads(tmp_path):

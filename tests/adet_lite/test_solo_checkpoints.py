@@ -1,15 +1,11 @@
 """Released-checkpoint key names (mmdetection 3.3 SOLO family, AdelaiDet SOLOv2) load through Detectron2's
 DetectionCheckpointer: fake state dicts with the reference names and shapes (../shared/reference/*.tsv)."""
-import os
-import re
-
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, tiny_cfg
+from d2ext.testing import build_tiny_model, config_path, read_reference_keys, tiny_cfg
 
-REFERENCE = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference")
 CASES = {
     "solo": ("mmdet_solo_keys/keys_solo.tsv", "SOLO/solo_R50_1x.yaml"),
     "decoupled": ("mmdet_solo_keys/keys_decoupled_solo.tsv", "SOLO/decoupled_solo_R50_1x.yaml"),
@@ -17,17 +13,6 @@ CASES = {
     "mmdet_solov2": ("mmdet_solo_keys/keys_solov2.tsv", "SOLO/SOLOv2_R50_1x.yaml"),
     "adelaidet_solov2": ("adelaidet_keys/solov2.tsv", "SOLO/SOLOv2_R50_3x.yaml"),
 }
-
-
-def _read_tsv(path):
-    keys = {}
-    with open(path) as f:
-        for line in f:
-            if line.startswith("#") or not line.strip() or line.startswith("name"):
-                continue
-            name, shape = line.split("\t")[:2]
-            keys[name] = tuple(int(d) for d in re.findall(r"\d+", shape))
-    return keys
 
 
 def _mmdet_resnet50_keys():
@@ -54,7 +39,7 @@ def _mmdet_resnet50_keys():
 
 def _fake_checkpoint(case, model):
     tsv, _ = CASES[case]
-    keys = _read_tsv(os.path.join(REFERENCE, tsv))
+    keys = {name: shape for name, shape, _ in read_reference_keys(tsv)}
     if case == "adelaidet_solov2":  # its backbone keys are Detectron2's own names
         keys.update({k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith("backbone.bottom_up.")})
     else:

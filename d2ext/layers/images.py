@@ -1,0 +1,27 @@
+import torch
+from detectron2.structures import ImageList
+
+
+class PixelNormalizationMixin:
+    """Input normalisation of a Detectron2 meta-architecture with a ``backbone``, as in Detectron2's
+    ``GeneralizedRCNN``: ``pixel_mean`` / ``pixel_std`` buffers (not saved in checkpoints), ``device`` and
+    ``preprocess_image``. Mix into an ``nn.Module`` and call ``register_pixel_stats`` in ``__init__``."""
+
+    def register_pixel_stats(self, pixel_mean, pixel_std):
+        """``pixel_mean``, ``pixel_std``: C values each (``cfg.MODEL.PIXEL_MEAN`` / ``PIXEL_STD``), stored
+        as (C, 1, 1) non-persistent buffers."""
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs):
+        """Normalise each input's (C, H, W) ``image`` and pad the batch into an ``ImageList`` of
+        (B, C, H', W'), H' and W' divisible by the backbone's ``size_divisibility``."""
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        # Newer Detectron2 backbones may carry padding constraints; v0.6 has only size_divisibility.
+        constraints = getattr(self.backbone, "padding_constraints", None)
+        extra = {"padding_constraints": constraints} if constraints is not None else {}
+        return ImageList.from_tensors(images, self.backbone.size_divisibility, **extra)

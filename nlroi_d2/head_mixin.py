@@ -45,3 +45,16 @@ class NLRoIHeadMixin:
     def __iter__(self):
         block = self._modules.get("nl_roi")
         return (module for module in self._modules.values() if module is not block)
+
+
+class NLRoIPerInstanceHeadMixin(NLRoIHeadMixin):
+    """For the heads called as ``head(x, instances)`` (mask, keypoint): the per-image RoI counts are
+    the lengths of ``instances``."""
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        return {**super().from_config(cfg, input_shape), **nl_roi_args_from_config(cfg)}
+
+    def forward(self, x, instances):
+        """x: (N, D, H, W) pooled features of the RoIs of ``instances`` (concatenated in image order)."""
+        return super().forward(self.nl_roi(x, [len(i) for i in instances]), instances)

@@ -1,16 +1,12 @@
 """NL-RoI keypoint head: the NL-RoI block, then Detectron2's conv + deconv keypoint head."""
-from typing import List
-
-import torch
 from detectron2.config import configurable
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
-from detectron2.structures import Instances
 
-from .head_mixin import NLRoIHeadMixin, nl_roi_args_from_config
+from .head_mixin import NLRoIPerInstanceHeadMixin
 
 
 @ROI_KEYPOINT_HEAD_REGISTRY.register()
-class NLRoIKRCNNConvDeconvUpsampleHead(NLRoIHeadMixin, KRCNNConvDeconvUpsampleHead):
+class NLRoIKRCNNConvDeconvUpsampleHead(NLRoIPerInstanceHeadMixin, KRCNNConvDeconvUpsampleHead):
     """``KRCNNConvDeconvUpsampleHead`` with an NL-RoI block right after RoIAlign."""
 
     @configurable
@@ -27,11 +23,3 @@ class NLRoIKRCNNConvDeconvUpsampleHead(NLRoIHeadMixin, KRCNNConvDeconvUpsampleHe
         super().__init__(input_shape, conv_dims=conv_dims, **kwargs)
         self._add_nl_roi_block(input_shape, embed_channels=nl_embed_channels, g_channels=nl_g_channels,
                                scale_affinity=nl_scale_affinity)
-
-    @classmethod
-    def from_config(cls, cfg, input_shape):
-        return {**super().from_config(cfg, input_shape), **nl_roi_args_from_config(cfg)}
-
-    def forward(self, x: torch.Tensor, instances: List[Instances]):
-        """x: (N, D, H, W) pooled features of the RoIs of ``instances`` (concatenated in image order)."""
-        return super().forward(self.nl_roi(x, [len(i) for i in instances]), instances)

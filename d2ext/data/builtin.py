@@ -40,8 +40,11 @@ def register_synthetic_shapes(name, spec, mask_format="polygon", cache_root=None
     """
     DatasetCatalog.register(name, lambda: load_split(spec, mask_format, cache_root))
     json_file = os.path.join(split_directory(spec, cache_root), "coco.json")
-    MetadataCatalog.get(name).set(thing_classes=list(CLASS_NAMES), evaluator_type="coco",
-                                  json_file=json_file, synthetic_spec=spec)
+    MetadataCatalog.get(name).set(
+        thing_classes=list(CLASS_NAMES), evaluator_type="coco", json_file=json_file, synthetic_spec=spec,
+        # The COCO json numbers categories from 1 (COCO's convention); the model's classes are 0-based.
+        thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(CLASS_NAMES))},
+    )
 
 
 def register_all():

@@ -7,8 +7,9 @@ are built to exercise what the methods of this repository are about:
   ``ell`` (an L-shape) and ``crescent`` -- three of them non-convex;
 * crowded clusters of the same class that touch and overlap (NL-RoI's motivation; tight boxes for
   RDSNet), with occlusion: an instance's mask is its *visible* part, and a new instance is never allowed
-  to hide more than half of an earlier one (so every instance stays recognisable);
-* objects from about 10 px to half the image, on textured, noisy backgrounds; image sizes vary.
+  to hide more than 30 % of an earlier one (so every instance stays recognisable);
+* objects from 20 px to about 70 % of the short side across, on textured, noisy backgrounds; image
+  sizes vary.
 
 Masks are exported as COCO polygons (holes kept by a zero-width "keyhole" cut joining each hole to its
 outer contour) or as COCO RLE; both encode the same pixels. Boxes are the tight boxes of those pixels.
@@ -22,7 +23,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 # Bump when the generator changes what it draws: cached splits are keyed by it.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 CLASS_NAMES = ("disk", "ring", "ell", "crescent")
 
 
@@ -34,12 +35,14 @@ class SyntheticShapesSpec:
     seed: int
     min_side: int = 192  # image height and width are drawn independently from [min_side, max_side]
     max_side: int = 320
-    max_instances: int = 10
+    max_instances: int = 8
+    min_radius: float = 10.0  # pixels; below ~10 px the four shapes are hard to tell apart
+    max_hidden: float = 0.3  # the largest fraction of an instance that later ones may hide
     min_visible_area: int = 30  # pixels; smaller visible parts are not annotated (and not drawn)
 
     def key(self):
         return (f"v{GENERATOR_VERSION}_seed{self.seed}_n{self.num_images}_"
-                f"{self.min_side}-{self.max_side}_k{self.max_instances}")
+                f"{self.min_side}-{self.max_side}_k{self.max_instances}_r{self.min_radius:g}_h{self.max_hidden:g}")
 
 
 def _shape_mask(class_name, center, radius, angle, rng, height, width):
@@ -57,7 +60,7 @@ def _shape_mask(class_name, center, radius, angle, rng, height, width):
             cut_radius = radius * rng.uniform(0.8, 0.95)
             cv2.circle(mask, (int(round(bite[0])), int(round(bite[1]))), int(round(cut_radius)), 0, -1)
     elif class_name == "ell":
-        arm = rng.uniform(0.35, 0.5)  # arm thickness relative to the side
+        arm = rng.uniform(0.4, 0.5)  # arm thickness relative to the side
         side = 2 * radius
         t = arm * side
         corners = np.array([[0, 0], [side, 0], [side, t], [t, t], [t, side], [0, side]], np.float64)
@@ -77,7 +80,7 @@ def _background(rng, height, width):
     direction = rng.uniform(0, 2 * np.pi)
     ramp = (np.cos(direction) * xs / width + np.sin(direction) * ys / height + 1) / 2
     img = c0 + (c1 - c0) * ramp[..., None]
-    blotches = cv2.GaussianBlur(rng.normal(0, 40, (height, width, 3)).astype(np.float32), (0, 0), 6)
+    blotches = cv2.GaussianBlur(rng.normal(0, 25, (height, width, 3)).astype(np.float32), (0, 0), 6)
     img += blotches
     period = rng.uniform(8, 24)
     stripes = 12 * np.sin(2 * np.pi * (xs * np.cos(direction) - ys * np.sin(direction)) / period)
@@ -85,12 +88,12 @@ def _background(rng, height, width):
     return img
 
 
-def _instance_layout(rng, height, width, max_instances):
+def _instance_layout(rng, height, width, min_radius):
     """Yield (class_name, center, radius, angle) proposals: singles and same-class clusters."""
     short = min(height, width)
     while True:
         class_name = CLASS_NAMES[rng.integers(len(CLASS_NAMES))]
-        radius = float(np.exp(rng.uniform(np.log(6), np.log(0.35 * short))))
+        radius = float(np.exp(rng.uniform(np.log(min_radius), np.log(0.35 * short))))
         center = rng.uniform([radius * 0.5, radius * 0.5], [width - radius * 0.5, height - radius * 0.5])
         if rng.uniform() < 0.4:  # a crowded cluster of one class: touching and overlapping neighbours
             for _ in range(int(rng.integers(2, 5))):
@@ -165,7 +168,7 @@ def generate_image(spec, index):
     num_target = int(rng.integers(1, spec.max_instances + 1))
 
     full_masks, visible, classes = [], [], []
-    layout = _instance_layout(rng, height, width, spec.max_instances)
+    layout = _instance_layout(rng, height, width, spec.min_radius)
     for _ in range(num_target * 4):  # bounded number of proposals
         if len(full_masks) == num_target:
             break
@@ -173,9 +176,9 @@ def generate_image(spec, index):
         mask = _shape_mask(class_name, center, radius, angle, rng, height, width).astype(bool)
         if mask.sum() < spec.min_visible_area:
             continue
-        # Reject a proposal that would hide more than half of an earlier instance.
+        # Reject a proposal that would hide too much of an earlier instance.
         remaining = [v & ~mask for v in visible]
-        if any(r.sum() < 0.5 * f.sum() or r.sum() < spec.min_visible_area
+        if any(r.sum() < (1 - spec.max_hidden) * f.sum() or r.sum() < spec.min_visible_area
                for r, f in zip(remaining, full_masks)):
             continue
         visible = remaining + [mask]

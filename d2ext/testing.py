@@ -14,8 +14,9 @@ from detectron2.utils.events import EventStorage
 from .engine.config import setup_cfg
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Reference key names and shapes of released checkpoints (../shared/reference/, beside the repository).
-REFERENCE_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "reference")
+# Key names and shapes of the released checkpoints (AdelaiDet, mmdetection, official RDSNet), as
+# tab-separated lists: the checkpoint-loading tests build fake state dicts from them.
+REFERENCE_DIR = os.path.join(REPO_ROOT, "tests", "reference_keys")
 
 
 def config_path(relative):

@@ -1,6 +1,6 @@
 """Load checkpoints of the official RDSNet repository (mmdetection v1 names) by renaming on load.
 
-Names are listed in ``shared/reference/rdsnet_keys.tsv``. ResNet and FPN names follow the shared
+Names are listed in ``tests/reference_keys/rdsnet_keys.tsv``. ResNet and FPN names follow the shared
 mmdetection rules (``d2ext.layers.mmdet_resnet_fpn_key``); the heads, the pixel stream, MBRM and the
 FPN's extra P6 / P7 convs are RDSNet's own. The official files wrap the state dict as
 ``{"state_dict": ..., "meta": ...}``; Detectron2's checkpointer needs the bare state dict (a file

@@ -1,5 +1,5 @@
 """Released AdelaiDet BlendMask checkpoints (bare state dicts in AdelaiDet's names, listed in
-shared/reference/adelaidet_keys/blendmask.tsv) load through Detectron2's DetectionCheckpointer and through
+tests/reference_keys/adelaidet_keys/blendmask.tsv) load through Detectron2's DetectionCheckpointer and through
 projects/convert_checkpoint.py. The fake checkpoint uses the .tsv names and shapes (R-50, 80 classes)."""
 import os
 import re

@@ -1,5 +1,5 @@
 """Released AdelaiDet checkpoints (bare state dicts in AdelaiDet's names, listed in
-shared/reference/adelaidet_keys/*.tsv) load through Detectron2's own DetectionCheckpointer and through
+tests/reference_keys/adelaidet_keys/*.tsv) load through Detectron2's own DetectionCheckpointer and through
 projects/convert_checkpoint.py. The fake checkpoints here use the .tsv names and shapes (R-50, 80 classes)."""
 import os
 import re

@@ -1,5 +1,5 @@
 """Released-checkpoint key names (mmdetection 3.3 SOLO family, AdelaiDet SOLOv2) load through Detectron2's
-DetectionCheckpointer: fake state dicts with the reference names and shapes (../shared/reference/*.tsv)."""
+DetectionCheckpointer: fake state dicts with the reference names and shapes (tests/reference_keys/)."""
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer

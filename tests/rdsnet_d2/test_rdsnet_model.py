@@ -10,7 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import Boxes, Instances
 
 from d2ext.testing import (
-    build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg, train_step,
+    REFERENCE_DIR, build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg, train_step,
 )
 from rdsnet_d2.checkpoint import official_to_detectron2_name, reorder_anchors
 
@@ -20,7 +20,7 @@ SMALL = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "MODEL.RDSNE
 # Every anchor passes the score threshold, so untrained models still produce detections and masks.
 ALL_DETECTIONS = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "TEST.DETECTIONS_PER_IMAGE", "20",
                   "MODEL.RDSNET.MASK_CHUNK_SIZE", "7"]
-TSV = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "rdsnet_keys.tsv")
+TSV = os.path.join(REFERENCE_DIR, "rdsnet_keys.tsv")
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,11 @@ def test_train_step_and_inference_format(cfg):
     for inp, out in zip(inputs, outputs):
         inst = out["instances"]
         assert inst.image_size == (inp["height"], inp["width"])  # original size, not the resized input
-        assert len(inst) == 20
-        assert inst.pred_masks.shape == (20, inp["height"], inp["width"]) and inst.pred_masks.dtype == torch.bool
-        assert inst.pred_boxes.tensor.shape == (20, 4) and inst.scores.shape == (20,)
+        # 20 detections, less those whose box is empty once clipped (dropped, as in Detectron2)
+        n = len(inst)
+        assert 15 <= n <= 20
+        assert inst.pred_masks.shape == (n, inp["height"], inp["width"]) and inst.pred_masks.dtype == torch.bool
+        assert inst.pred_boxes.tensor.shape == (n, 4) and inst.scores.shape == (n,)
         assert inst.pred_classes.max() < 4
         # masks stay inside the test crop (box + 0.1 of its size per side, at least 1 px)
         for box, mask in zip(inst.pred_boxes.tensor, inst.pred_masks):

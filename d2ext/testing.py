@@ -165,3 +165,14 @@ def fake_bottom_up_state(model):
     names, which reference checkpoints in Detectron2 format share); integer buffers are copied."""
     return {name: random_weight(name, value.shape) if value.is_floating_point() else value.clone()
             for name, value in model.state_dict().items() if name.startswith("backbone.bottom_up.")}
+
+
+def assert_instance_predictions(instances, height, width):
+    """Non-empty predictions formatted like Detectron2's Mask R-CNN at the original image size:
+    ``pred_boxes``, ``scores``, ``pred_classes`` and boolean ``pred_masks`` (N, height, width)."""
+    assert len(instances) > 0
+    assert instances.image_size == (height, width)
+    assert instances.pred_masks.shape == (len(instances), height, width)
+    assert instances.pred_masks.dtype == torch.bool
+    for field in ("pred_boxes", "scores", "pred_classes"):
+        assert instances.has(field), field

@@ -11,7 +11,7 @@ from adet_lite.blendmask import Blender, blend, blender_mask_loss
 from adet_lite.blendmask.basis_module import ProtoNet
 from adet_lite.blendmask.blendmask import thing_semantic_targets
 from d2ext.testing import (
-    assert_checkpoint_round_trip, assert_losses_fall, build_tiny_model, config_path, dataset_batch, loss_history,
+    assert_checkpoint_round_trip, assert_instance_predictions, assert_losses_fall, build_tiny_model, config_path, dataset_batch, loss_history,
     predict, tiny_cfg, train_step)
 
 
@@ -223,11 +223,7 @@ def test_inference_masks_at_original_size():
     cfg = tiny_cfg(BLENDMASK_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
     inputs, instances = predict(build_tiny_model(cfg), cfg, indices=(0, 1))
     for inp, inst in zip(inputs, instances):
-        assert len(inst) > 0
-        assert inst.pred_masks.shape == (len(inst), inp["height"], inp["width"])
-        assert inst.pred_masks.dtype == torch.bool
-        for field in ("pred_boxes", "scores", "pred_classes"):
-            assert inst.has(field)
+        assert_instance_predictions(inst, inp["height"], inp["width"])
         # Pasted RoI masks: nothing outside the (scaled, clipped) box.
         box = inst.pred_boxes.tensor[0]
         outside = inst.pred_masks[0].clone()

@@ -13,8 +13,8 @@ from adet_lite.condinst.sampling import sample_positives
 from adet_lite.fcos.targets import compute_locations
 from d2ext.layers import aligned_bilinear
 from d2ext.testing import (
-    assert_checkpoint_round_trip, assert_losses_fall, build_tiny_model, config_path, dataset_batch, loss_history,
-    predict, tiny_cfg, train_step)
+    assert_checkpoint_round_trip, assert_instance_predictions, assert_losses_fall, build_tiny_model,
+    config_path, dataset_batch, loss_history, predict, tiny_cfg, train_step)
 
 
 CONDINST_YAML = config_path("quickstart/condinst_R18_synthetic.yaml")
@@ -223,11 +223,7 @@ def test_inference_full_image_masks_at_original_size():
     cfg = tiny_cfg(CONDINST_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
     inputs, instances = predict(build_tiny_model(cfg), cfg, indices=(0, 1))
     for inp, inst in zip(inputs, instances):
-        assert len(inst) > 0
-        assert inst.pred_masks.shape == (len(inst), inp["height"], inp["width"])
-        assert inst.pred_masks.dtype == torch.bool
-        for field in ("pred_boxes", "scores", "pred_classes"):
-            assert inst.has(field)
+        assert_instance_predictions(inst, inp["height"], inp["width"])
 
 
 def test_zero_detections():

@@ -11,6 +11,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils import comm
 from detectron2.utils.registry import Registry
 
+from d2ext.config_checks import check_in_features
 from d2ext.layers import ReferenceCheckpointMixin, conv_norm_relu, conv_norm_relu_reference_key
 
 BASIS_MODULE_REGISTRY = Registry("BASIS_MODULE")
@@ -84,10 +85,7 @@ class ProtoNet(ReferenceCheckpointMixin, nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         basis = cfg.MODEL.BASIS_MODULE
-        missing = [f for f in basis.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(f"MODEL.BASIS_MODULE.IN_FEATURES {missing} are not produced by the backbone "
-                             f"(it gives {sorted(input_shape)})")
+        check_in_features("MODEL.BASIS_MODULE.IN_FEATURES", basis.IN_FEATURES, input_shape)
         if basis.NUM_BASES < 1:
             raise ValueError(f"MODEL.BASIS_MODULE.NUM_BASES must be >= 1, got {basis.NUM_BASES}")
         first_stride = input_shape[basis.IN_FEATURES[0]].stride

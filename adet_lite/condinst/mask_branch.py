@@ -8,6 +8,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 
+from d2ext.config_checks import check_in_features
 from d2ext.layers import (ReferenceCheckpointMixin, aligned_bilinear, conv_norm_relu, conv_norm_relu_reference_key,
                           semantic_targets)
 
@@ -49,10 +50,7 @@ class MaskBranch(ReferenceCheckpointMixin, nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         branch = cfg.MODEL.CONDINST.MASK_BRANCH
-        missing = [f for f in branch.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(f"MODEL.CONDINST.MASK_BRANCH.IN_FEATURES {missing} are not produced by the "
-                             f"backbone (it gives {sorted(input_shape)})")
+        check_in_features("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", branch.IN_FEATURES, input_shape)
         return {
             "input_shape": input_shape,
             "in_features": branch.IN_FEATURES,

@@ -7,6 +7,7 @@ from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
+from d2ext.config_checks import check_in_features
 
 from .head import FCOSHead
 from .inference import fcos_inference_single_image
@@ -73,10 +74,7 @@ class FCOS(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         fcos = cfg.MODEL.FCOS
-        missing = [f for f in fcos.IN_FEATURES if f not in input_shape]
-        if missing:
-            raise ValueError(f"MODEL.FCOS.IN_FEATURES {missing} are not produced by the backbone "
-                             f"(it gives {sorted(input_shape)})")
+        check_in_features("MODEL.FCOS.IN_FEATURES", fcos.IN_FEATURES, input_shape)
         return {
             "head": FCOSHead(cfg, [input_shape[f] for f in fcos.IN_FEATURES]),
             "in_features": fcos.IN_FEATURES,

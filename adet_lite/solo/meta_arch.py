@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import BitMasks, Instances
 
+from d2ext.config_checks import check_in_features
 from d2ext.layers import PixelNormalizationMixin, padded_bitmasks, postprocess_full_image_masks, rename_reference_keys
 
 from .category_branch import CategoryBranch
@@ -60,10 +61,7 @@ def _grid_options(node, node_name):
 
 def _instance_channels(backbone, in_features, node_name):
     shapes = backbone.output_shape()
-    missing = [f for f in in_features if f not in shapes]
-    if missing:
-        raise ValueError(f"{node_name}: features {missing} are not produced by the backbone "
-                         f"(it gives {sorted(shapes)})")
+    check_in_features(f"{node_name}: features", in_features, shapes)
     channels = {shapes[f].channels for f in in_features}
     if len(channels) != 1:
         raise ValueError(f"{node_name}: features {in_features} must have equal channels, got {channels}")

@@ -12,6 +12,7 @@ import os
 
 import cv2
 import numpy as np
+from detectron2.structures import BoxMode
 
 from .synthetic import default_cache_root, mask_to_box, mask_to_polygons
 
@@ -27,8 +28,6 @@ def _instance_dicts(image_rgb, masks, category_ids, file_name, image_id):
         polygons = mask_to_polygons(mask)
         if not polygons or mask.sum() == 0:
             continue
-        from detectron2.structures import BoxMode
-
         annotations.append({"bbox": mask_to_box(mask), "bbox_mode": BoxMode.XYXY_ABS,
                             "category_id": int(category_id), "segmentation": polygons, "iscrowd": 0})
     if not os.path.exists(file_name):

@@ -9,7 +9,8 @@ are built to exercise what the methods of this repository are about:
   RDSNet), with occlusion: an instance's mask is its *visible* part, and a new instance is never allowed
   to hide more than 30 % of an earlier one (so every instance stays recognisable);
 * objects from 20 px to about 70 % of the short side across, on textured, noisy backgrounds; image
-  sizes vary.
+  sizes vary. Every shape lies whole inside its image: a shape cut by the border can lose what
+  defines its class (half a ring is a crescent), which would make the labels ambiguous.
 
 Masks are exported as COCO polygons (holes kept by a zero-width "keyhole" cut joining each hole to its
 outer contour) or as COCO RLE; both encode the same pixels. Boxes are the tight boxes of those pixels.
@@ -23,7 +24,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 # Bump when the generator changes what it draws: cached splits are keyed by it.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 CLASS_NAMES = ("disk", "ring", "ell", "crescent")
 
 
@@ -94,7 +95,7 @@ def _instance_layout(rng, height, width, min_radius):
     while True:
         class_name = CLASS_NAMES[rng.integers(len(CLASS_NAMES))]
         radius = float(np.exp(rng.uniform(np.log(min_radius), np.log(0.35 * short))))
-        center = rng.uniform([radius * 0.5, radius * 0.5], [width - radius * 0.5, height - radius * 0.5])
+        center = rng.uniform([radius, radius], [width - radius, height - radius])
         if rng.uniform() < 0.4:  # a crowded cluster of one class: touching and overlapping neighbours
             for _ in range(int(rng.integers(2, 5))):
                 yield class_name, tuple(center), radius, rng.uniform(0, 2 * np.pi)
@@ -160,6 +161,10 @@ def mask_to_box(mask):
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+def _touches_border(mask):
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
+
+
 def generate_image(spec, index):
     """Generate one image. Returns (RGB uint8 image, list of annotations with polygons)."""
     rng = np.random.default_rng([spec.seed, index])
@@ -174,7 +179,7 @@ def generate_image(spec, index):
             break
         class_name, center, radius, angle = next(layout)
         mask = _shape_mask(class_name, center, radius, angle, rng, height, width).astype(bool)
-        if mask.sum() < spec.min_visible_area:
+        if mask.sum() < spec.min_visible_area or _touches_border(mask):
             continue
         # Reject a proposal that would hide too much of an earlier instance.
         remaining = [v & ~mask for v in visible]

@@ -7,10 +7,15 @@ import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
+from detectron2.data import transforms as T
+from detectron2.data.samplers import TrainingSampler
+from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
+from .data.mapper import DatasetMapper as CheckingDatasetMapper
+from .engine import Trainer
 from .engine.config import setup_cfg
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,3 +181,74 @@ def assert_instance_predictions(instances, height, width):
     assert instances.pred_masks.dtype == torch.bool
     for field in ("pred_boxes", "scores", "pred_classes"):
         assert instances.has(field), field
+
+
+def map_records(cfg, records, is_train=True):
+    """Map dataset records (Detectron2 dataset dicts, e.g. edited copies of a split's) with the mapper of
+    ``d2ext.engine.Trainer``'s loader, made deterministic as in ``dataset_batch`` (test-time resize);
+    annotations kept when ``is_train``. Returns the list of inputs."""
+    mapper = CheckingDatasetMapper(cfg, is_train=False)
+    mapper.is_train = is_train
+    return [mapper(copy.deepcopy(record)) for record in records]
+
+
+def assert_prediction_fields(instances, height, width, masks=True):
+    """Predictions of any length (also none) formatted like Detectron2's at the original image size:
+    ``pred_boxes`` (N, 4), ``scores`` (N,), ``pred_classes`` (N,) and, when ``masks``, boolean
+    ``pred_masks`` (N, height, width)."""
+    n = len(instances)
+    assert instances.image_size == (height, width)
+    assert instances.pred_boxes.tensor.shape == (n, 4)
+    assert instances.scores.shape == (n,)
+    assert instances.pred_classes.shape == (n,) and instances.pred_classes.dtype == torch.int64
+    if masks:
+        assert instances.pred_masks.shape == (n, height, width)
+        assert instances.pred_masks.dtype == torch.bool
+
+
+class DeterministicDataTrainer(Trainer):
+    """``d2ext.engine.Trainer`` whose training data are the same in every run and in any number of processes.
+
+    The data are the first ``num_images`` records of ``cfg.DATASETS.TRAIN[0]`` in order, cycled: Detectron2's
+    ``TrainingSampler`` without shuffling, which shards them over W processes as it does a shuffled stream
+    (at step k the processes together get records k * IMS_PER_BATCH ... (k + 1) * IMS_PER_BATCH - 1, process r
+    every W-th of them from r). Every image is resized to ``size`` x ``size`` without random augmentation:
+    with one image size a batch needs no padding, so one process with the whole batch sees the same pixels
+    as W processes with a share of it each.
+    """
+
+    def __init__(self, cfg, num_images, size=128):
+        self._num_images, self._size = num_images, size
+        super().__init__(cfg)
+
+    def build_train_loader(self, cfg):
+        records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[: self._num_images]
+        mapper = CheckingDatasetMapper(cfg, is_train=True, augmentations=[T.Resize((self._size, self._size))])
+        return build_detection_train_loader(
+            records, mapper=mapper, sampler=TrainingSampler(len(records), shuffle=False),
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH, aspect_ratio_grouping=False, num_workers=0)
+
+
+class AssertAllParametersTrained(HookBase):
+    """Fails a training step after which a trainable parameter has no gradient. DDP as Detectron2's trainer
+    wraps models (``find_unused_parameters=False``) needs every parameter in every step's graph."""
+
+    def after_step(self):
+        model = getattr(self.trainer.model, "module", self.trainer.model)  # unwrap DDP
+        missing = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            raise AssertionError(f"iteration {self.trainer.iter}: no gradient for {missing}")
+
+
+def train_configs_worker(specs, output_root, num_images, size=128, seed=0):
+    """Worker of ``d2ext.engine.launch``: train each of ``specs`` (name, config file, opts) in turn with a
+    ``DeterministicDataTrainer`` and ``AssertAllParametersTrained``, the model initialised from ``seed``;
+    the main process writes ``output_root/name/model_final.pth``. Many configs per launch: starting the
+    processes costs far more than training tiny models a few steps."""
+    torch.set_num_threads(1)  # one core per process
+    for name, config_file, opts in specs:
+        cfg = tiny_cfg(config_file, [*opts, "OUTPUT_DIR", os.path.join(output_root, name)])
+        torch.manual_seed(seed)
+        trainer = DeterministicDataTrainer(cfg, num_images, size)
+        trainer.register_hooks([AssertAllParametersTrained()])
+        trainer.train()

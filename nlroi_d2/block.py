@@ -11,6 +11,10 @@ from detectron2.layers import Conv2d
 
 def _counts_tensor(num_per_image: Union[Sequence[int], torch.Tensor], num_rois: int, device) -> torch.Tensor:
     """Validate the per-image RoI counts and return them as an int64 tensor on ``device``."""
+    if torch.jit.is_tracing():
+        # The counts are traced sizes (0-dim tensors): stacked, they stay inputs of the graph (as_tensor
+        # would record constants); the checks below would only check the traced image.
+        return torch.stack([torch.as_tensor(n) for n in num_per_image]).to(device=device, dtype=torch.int64)
     counts = torch.as_tensor(num_per_image, dtype=torch.int64, device=device).reshape(-1)
     if counts.numel() == 0:
         raise ValueError("NLRoIBlock: num_per_image is empty; give one RoI count per image.")
@@ -98,15 +102,17 @@ class NLRoIBlock(nn.Module):
         value = self.g(x).mean(dim=(2, 3)).float()  # (N, Dg): pooled before attending (both are linear)
 
         num_images = counts.numel()
-        max_count = int(counts.max())
+        max_count = counts.max()  # a tensor, not an int: the size stays dynamic in traced graphs
         image_index = torch.repeat_interleave(torch.arange(num_images, device=x.device), counts)  # (N,)
         first_row = torch.cumsum(counts, 0) - counts  # (B,)
-        slot = image_index * max_count + torch.arange(num_rois, device=x.device) - first_row[image_index]
+        slot = torch.arange(num_rois, device=x.device) - first_row[image_index]  # (N,): position in its image
 
+        # Indexed by (image, slot), without reshapes: an ONNX Reshape reads a 0 in the target shape (no
+        # RoI) as "keep this dimension".
         def padded(rows: torch.Tensor) -> torch.Tensor:  # (N, C) -> (B, max_count, C), zero padding
-            out = rows.new_zeros(num_images * max_count, rows.shape[1])
-            out[slot] = rows
-            return out.view(num_images, max_count, rows.shape[1])
+            out = rows.new_zeros(num_images, max_count, rows.shape[1])
+            out[image_index, slot] = rows
+            return out
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             affinity = torch.bmm(padded(query), padded(key).transpose(1, 2))  # (B, max_count, max_count)
@@ -117,6 +123,6 @@ class NLRoIBlock(nn.Module):
             affinity = affinity.masked_fill(is_padding[:, None, :], torch.finfo(affinity.dtype).min)
             attention = torch.softmax(affinity, dim=2)
             nonlocal_feature = torch.bmm(attention, padded(value))  # (B, max_count, Dg)
-        nonlocal_feature = nonlocal_feature.reshape(num_images * max_count, self.g_channels)[slot].to(x.dtype)  # (N, Dg)
+        nonlocal_feature = nonlocal_feature[image_index, slot].to(x.dtype)  # (N, Dg)
         tiled = nonlocal_feature[:, :, None, None].expand(-1, -1, height, width)
         return torch.cat([x, tiled], dim=1)

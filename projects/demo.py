@@ -4,16 +4,20 @@
     python projects/demo.py --config-file CFG --input img1.jpg folder/ 'more/*.png' --output out/ \
         --opts MODEL.WEIGHTS output/model_final.pth
     python projects/demo.py --config-file CFG --dataset synthetic_shapes_val --max-images 8 --output out/
+
+Any image Pillow reads is accepted: grey ones are replicated to 3 channels, RGBA loses its alpha and 16-bit
+grey (PNG, TIFF) is scaled to 8 bits. An unreadable file stops the demo with an error that names it.
 """
 import argparse
 import glob
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import read_image
+from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 
+from d2ext.data.image_io import read_image
 from d2ext.engine import setup_cfg
 from d2ext.visualization import draw_instance_predictions, save_rgb
 
@@ -38,13 +42,6 @@ def expand_inputs(inputs):
                 raise FileNotFoundError(f"--input {item!r} is not a file, a folder or a matching glob")
             paths += found
     return paths
-
-
-def load_image(path, input_format):
-    try:
-        return read_image(path, format=input_format)
-    except Exception as e:  # PIL raises several types; the user needs the file name either way
-        raise ValueError(f"cannot read image {path!r}: {e}") from e
 
 
 def get_parser():
@@ -74,9 +71,9 @@ def main(args):
     os.makedirs(args.output, exist_ok=True)
     written = []
     for path in paths:
-        image = load_image(path, cfg.INPUT.FORMAT)
+        image = read_image(path, cfg.INPUT.FORMAT)  # grey, RGBA, 16-bit: 8-bit 3 channels
         instances = predictor(image)["instances"]
-        rgb = image[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else image
+        rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT)
         overlay = draw_instance_predictions(rgb, instances, metadata, args.confidence_threshold)
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
         save_rgb(out, overlay)

@@ -2,6 +2,8 @@
 bias) with its image's pixel representations, all instances of a batch in one batched product."""
 import torch
 
+from d2ext.layers import stable_argsort
+
 
 def correlate(pixel_reps, object_reps, image_indices):
     """
@@ -21,12 +23,13 @@ def correlate(pixel_reps, object_reps, image_indices):
         return pixel_reps.new_zeros(0, 2, height, width)
     # Pad the instances of each image into (B, K, 2d) so that a single batched matmul serves the
     # whole batch without materialising a copy of the pixel map per instance.
-    counts = torch.bincount(image_indices, minlength=num_images)
-    order = torch.argsort(image_indices, stable=True)
+    # Instances per image (a bincount, which ONNX lacks).
+    counts = (image_indices[:, None] == torch.arange(num_images, device=image_indices.device)).sum(dim=0)
+    order = stable_argsort(image_indices)
     sorted_images = image_indices[order]
     starts = torch.cumsum(counts, 0) - counts
     slots = torch.arange(num, device=image_indices.device) - starts[sorted_images]
-    max_count = int(counts.max())
+    max_count = counts.max()  # a tensor, not an int: the size stays dynamic in traced graphs
     kernels = object_reps.new_zeros(num_images, max_count, 2 * dim)
     kernels[sorted_images, slots] = object_reps[order].flatten(1)
     logits = torch.bmm(kernels.view(num_images, max_count * 2, dim), pixel_reps.flatten(2))

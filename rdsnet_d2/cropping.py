@@ -26,7 +26,7 @@ def expanded_crop_boxes(boxes, expand, height, width):
         (x1 - pad_x).clamp(min=0), (y1 - pad_y).clamp(min=0),
         (x2 + pad_x).clamp(max=width), (y2 + pad_y).clamp(max=height),
     ], dim=1)
-    return crop.trunc().long()
+    return crop.long()  # the cast truncates toward zero (ONNX has no trunc op)
 
 
 def crop_masks(crop_boxes, height, width):

@@ -10,6 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
+from d2ext.layers import register_empty_load_check
+
 from .mbrm import MBRM, cat_profiles
 
 
@@ -75,6 +77,7 @@ class GeneralizedRCNNWithMBRM(GeneralizedRCNN):
             raise ValueError(f"mask_chunk_size must be >= 1, got {mask_chunk_size}")
         self.mbrm = mbrm
         self.mask_chunk_size = mask_chunk_size
+        register_empty_load_check(self)
 
     @classmethod
     def from_config(cls, cfg):

@@ -10,7 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch.nn import functional as F
 
-from d2ext.layers import padded_bitmasks, postprocess_full_image_masks
+from d2ext.layers import (capped_count, ensure_gt_masks, padded_bitmasks, postprocess_full_image_masks,
+                          register_empty_load_check)
 
 from .checkpoint import rename_official_rdsnet_keys
 from .correlation import correlate
@@ -69,6 +70,11 @@ class RDSNet(RetinaNet):
         self.mbrm_train = mbrm_train
         self.mbrm_train_iou = mbrm_train_iou
         self.official_anchor_layout = tuple(official_anchor_layout)
+        # The running count of positive anchors that divides loss_cls / loss_box_reg (RetinaNet's
+        # ``_ema_update``, which starts it at 100): a buffer, so that checkpoints keep it and a resumed run
+        # continues it (as a plain attribute it restarted at 100). Official checkpoints lack it: kept at 100.
+        self.register_buffer("loss_normalizer", torch.tensor(100.0))
+        register_empty_load_check(self)
         if mbrm_train:
             for name, parameter in self.named_parameters():
                 parameter.requires_grad_(name.startswith("mbrm."))
@@ -117,16 +123,14 @@ class RDSNet(RetinaNet):
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """Detectron2's model contract: losses in training, ``[{"instances": Instances}]`` otherwise."""
-        if self.training:
-            if any("instances" not in x for x in batched_inputs):
-                raise ValueError("RDSNet: training inputs need 'instances' (annotations)")
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            if self.mbrm_train:
-                return self._mbrm_stage_losses(batched_inputs, gt_instances)
-        images, features, predictions, pixel_reps = self._run_streams(batched_inputs)
-        if self.training:
-            return self.forward_training(images, features, predictions, pixel_reps, gt_instances)
-        return self.forward_inference(images, features, predictions, pixel_reps, batched_inputs)
+        if not self.training:
+            return self.inference(batched_inputs)
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("RDSNet: training inputs need 'instances' (annotations)")
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if self.mbrm_train:
+            return self._mbrm_stage_losses(batched_inputs, gt_instances)
+        return self.forward_training(*self._run_streams(batched_inputs), gt_instances)
 
     def _run_streams(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
@@ -182,9 +186,7 @@ class RDSNet(RetinaNet):
     @torch.no_grad()
     def _gt_masks_at_mask_stride(self, gt, padded_size, mask_size):
         """(G, h, w) bool at the mask stride and the GT pixel areas (G,) at input resolution."""
-        if not gt.has("gt_masks"):
-            raise ValueError("RDSNet: training instances have no gt_masks (set MODEL.MASK_ON True)")
-        padded = padded_bitmasks(gt.gt_masks, padded_size, self.device).float()
+        padded = padded_bitmasks(ensure_gt_masks(gt, "RDSNet").gt_masks, padded_size, self.device).float()
         small = F.interpolate(padded[None], size=mask_size, mode="bilinear", align_corners=False)[0] > 0.5
         return small, padded.flatten(1).sum(dim=1)
 
@@ -221,15 +223,27 @@ class RDSNet(RetinaNet):
         return cat(image_indices), cat(anchor_indices), cat(targets)
 
     # ------------------------------------------------------------------ inference
-    def forward_inference(self, images, features, predictions, pixel_reps, batched_inputs):
+    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], do_postprocess=True):
+        """As ``GeneralizedRCNN.inference``: per image ``{"instances": Instances}`` with masks formed at
+        the original size (the official resizing, see :meth:`instance_masks`). Without
+        ``do_postprocess`` (what export traces): the ``Instances`` with masks formed at the input size;
+        :meth:`postprocess` then resizes those binary masks, which equals the official resizing only
+        when the input is not resized."""
+        images, features, predictions, pixel_reps = self._run_streams(batched_inputs)
         outputs = []
         for i, detections in enumerate(self.detect(images, features, predictions)):
-            height = batched_inputs[i].get("height", images.image_sizes[i][0])
-            width = batched_inputs[i].get("width", images.image_sizes[i][1])
-            instances, _ = self.instance_masks(detections, pixel_reps[i], images.tensor.shape[-2:],
-                                               (int(height), int(width)), refine=self.mbrm_on)
-            outputs.append({"instances": instances})
+            output_size = detections.image_size
+            if do_postprocess:
+                output_size = (int(batched_inputs[i].get("height", output_size[0])),
+                               int(batched_inputs[i].get("width", output_size[1])))
+            instances, _ = self.instance_masks(detections, pixel_reps[i], images.tensor.shape[-2:], output_size,
+                                               refine=self.mbrm_on)
+            outputs.append({"instances": instances} if do_postprocess else instances)
         return outputs
+
+    def postprocess(self, results: Instances, height, width):
+        """Input-size ``Instances`` (``inference(..., do_postprocess=False)``) -> the original size."""
+        return postprocess_full_image_masks(results, height, width)
 
     def detect(self, images, features, predictions):
         """Per image: ``Instances`` at the input size with pred_boxes, scores, pred_classes and
@@ -242,7 +256,7 @@ class RDSNet(RetinaNet):
             for level_anchors, logits, deltas, level_reps in zip(anchors, pred_logits, pred_deltas, pred_reps):
                 level_scores = logits[i].sigmoid().flatten()
                 candidates = torch.nonzero(level_scores > self.test_score_thresh).squeeze(1)
-                top = level_scores[candidates].topk(min(self.test_topk_candidates, candidates.numel()))
+                top = level_scores[candidates].topk(capped_count(candidates.shape[0], self.test_topk_candidates))
                 candidates = candidates[top.indices]
                 anchor_idx = candidates // self.num_classes
                 boxes.append(self.box2box_transform.apply_deltas(deltas[i][anchor_idx],
@@ -278,8 +292,12 @@ class RDSNet(RetinaNet):
         boxes = detections.pred_boxes
         crops = expanded_crop_boxes(boxes.tensor, self.test_crop_expand, out_h, out_w)
         binary, profile_chunks = [], []
-        for start in range(0, len(detections), self.mask_chunk_size):
-            chunk = slice(start, start + self.mask_chunk_size)
+        if torch.jit.is_tracing():  # one chunk: a loop over the detections would unroll for the traced count
+            chunks = [slice(None)]
+        else:
+            chunks = [slice(start, start + self.mask_chunk_size)
+                      for start in range(0, len(detections), self.mask_chunk_size)]
+        for chunk in chunks:
             reps = detections.object_reps[chunk]
             logits = correlate(pixel_rep[None], reps, torch.zeros(len(reps), dtype=torch.long, device=reps.device))
             fg_minus_bg = logits[:, 1:] - logits[:, :1]

@@ -17,9 +17,14 @@ TINY = [
 ]
 
 
+# One thread per process, as in tests/conftest.py: the tiny models gain nothing from a second thread, and
+# the two-process run would oversubscribe a 2-core machine.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def run(script, *args, timeout=300):
     proc = subprocess.run([sys.executable, os.path.join(REPO, "projects", script), *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout + proc.stderr
 
@@ -97,6 +102,6 @@ def test_demo_names_an_unreadable_image(tmp_path):
     bad.write_bytes(b"not an image")
     proc = subprocess.run([sys.executable, os.path.join(REPO, "projects", "demo.py"), "--config-file", CONFIG,
                            "--input", str(bad), "--output", str(tmp_path / "o"), "--opts", *TINY],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert f"cannot read image '{bad}'" in proc.stderr

@@ -7,7 +7,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, bu
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 
-from d2ext.layers import PixelNormalizationMixin, padded_bitmasks, semantic_targets
+from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, padded_bitmasks, postprocess_per_image,
+                          register_empty_load_check, semantic_targets)
 
 from ..fcos.head import top_feats_conv
 from ..fcos.losses import centerness_normalizer
@@ -63,6 +64,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         self.semantic_loss = semantic_loss
         self.mask_threshold = mask_threshold
         self.register_pixel_stats(pixel_mean, pixel_std)
+        register_empty_load_check(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -98,20 +100,13 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         """Detectron2's meta-architecture interface: losses in training, else per image
         ``{"instances": Instances}`` at the original size (``height`` / ``width`` of the inputs)."""
+        if not self.training:
+            return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
-        if not self.training:
-            bases, _ = self.basis_module(features)
-            predictions = self.proposal_generator.predict(features, self.top_layer)
-            detections = self.proposal_generator.inference(predictions, images.image_sizes)
-            return self.predict_masks(bases, detections, batched_inputs)
-
         if any("instances" not in x for x in batched_inputs):
             raise ValueError("BlendMask in training mode needs 'instances' in every input")
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        if any(not x.has("gt_masks") for x in gt_instances):
-            raise ValueError("BlendMask needs instance masks: the inputs' 'instances' have no gt_masks "
-                             "(set MODEL.MASK_ON True so that the DatasetMapper loads them)")
+        gt_instances = [ensure_gt_masks(x["instances"].to(self.device), "BlendMask") for x in batched_inputs]
         targets = None
         if self.semantic_loss is not None:
             targets = thing_semantic_targets(gt_instances, images.tensor.shape[-2:], *self.semantic_loss)
@@ -121,6 +116,27 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         losses.update(fcos_losses)
         losses["loss_mask"] = self.instance_loss_weight * self.mask_loss(bases, positives, gt_instances)
         return losses
+
+    def inference(self, batched_inputs: List[Dict], do_postprocess=True):
+        """As ``GeneralizedRCNN.inference``: per image ``{"instances": Instances}`` at the original size,
+        or without ``do_postprocess`` the ``Instances`` at the input size with R x R ``pred_masks``
+        (N, 1, R, R) of the boxes (what export traces; see :meth:`postprocess`)."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        bases, _ = self.basis_module(features)
+        predictions = self.proposal_generator.predict(features, self.top_layer)
+        detections = self.proposal_generator.inference(predictions, images.image_sizes)
+        results = self.predict_masks(bases, detections)
+        if not do_postprocess:
+            return results
+        return postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
+
+    def postprocess(self, results: Instances, height, width):
+        """Input-size ``Instances`` -> the masks pasted into their boxes at the original ``height`` x
+        ``width`` (Detectron2's ``detector_postprocess``), boolean."""
+        result = detector_postprocess(results, height, width, self.mask_threshold)
+        result.pred_masks = result.pred_masks.bool()  # v0.6 pastes an empty set as uint8
+        return result
 
     def mask_loss(self, bases, positives: Instances, gt_instances: List[Instances]):
         """Each FCOS positive blends its attentions with the bases cropped by its ground-truth box;
@@ -137,18 +153,12 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         weights = centerness_targets(positives.reg_targets)
         return blender_mask_loss(logits, targets, weights, centerness_normalizer(weights))
 
-    def predict_masks(self, bases, detections: List[Instances], batched_inputs):
-        """Blend the masks of the detections of all images at once, then paste each image's R x R
-        masks into its boxes at the original size (Detectron2's ``detector_postprocess``)."""
+    def predict_masks(self, bases, detections: List[Instances]):
+        """Blend the masks of the detections of all images at once; per image, the detections get
+        ``pred_masks`` (N, 1, R, R) of their boxes (the RoI-mask format ``detector_postprocess`` pastes)."""
         rois = self.blender.crop(bases, [det.pred_boxes for det in detections])
         mask_probs = self.blender(rois, cat([det.top_feat for det in detections])).sigmoid()
-        results = []
-        for det, probs, inputs in zip(detections, mask_probs.split([len(d) for d in detections]), batched_inputs):
+        for det, probs in zip(detections, mask_probs.split([len(d) for d in detections])):
             det.remove("top_feat")
-            det.pred_masks = probs[:, None]  # (N, 1, R, R): the RoI-mask format detector_postprocess pastes
-            height, width = det.image_size
-            result = detector_postprocess(det, inputs.get("height", height), inputs.get("width", width),
-                                          self.mask_threshold)
-            result.pred_masks = result.pred_masks.bool()  # v0.6 pastes an empty set as uint8
-            results.append({"instances": result})
-        return results
+            det.pred_masks = probs[:, None]
+        return detections

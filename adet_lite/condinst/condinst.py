@@ -9,7 +9,8 @@ from detectron2.layers import cat
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
-from d2ext.layers import PixelNormalizationMixin, aligned_bilinear, padded_bitmasks, postprocess_full_image_masks
+from d2ext.layers import (PixelNormalizationMixin, aligned_bilinear, ensure_gt_masks, padded_bitmasks,
+                          postprocess_full_image_masks, postprocess_per_image, register_empty_load_check)
 
 from ..fcos.head import top_feats_conv
 
@@ -23,10 +24,8 @@ def add_bitmask_targets(instances: Instances, padded_height, padded_width, mask_
     """Attach ``gt_bitmasks_full`` (M, H, W) over the padded image and ``gt_bitmasks`` (M, H/s, W/s),
     the full masks sampled at pixels ``s * i + s // 2`` (s = ``mask_out_stride``), the dynamic head's
     output positions."""
-    if not instances.has("gt_masks"):
-        raise ValueError("CondInst needs instance masks: the inputs' 'instances' have no gt_masks "
-                         "(set MODEL.MASK_ON True so that the DatasetMapper loads them)")
-    full = padded_bitmasks(instances.gt_masks, (padded_height, padded_width), instances.gt_boxes.device).float()
+    gt_masks = ensure_gt_masks(instances, "CondInst").gt_masks
+    full = padded_bitmasks(gt_masks, (padded_height, padded_width), instances.gt_boxes.device).float()
     start = mask_out_stride // 2
     instances.gt_bitmasks_full = full
     instances.gt_bitmasks = full[:, start::mask_out_stride, start::mask_out_stride]
@@ -67,6 +66,7 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         self.boxinst = boxinst
         self.input_format = input_format
         self.register_pixel_stats(pixel_mean, pixel_std)
+        register_empty_load_check(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -103,32 +103,46 @@ class CondInst(PixelNormalizationMixin, nn.Module):
     def forward(self, batched_inputs: List[Dict]):
         """Detectron2's meta-architecture interface: losses in training, else per image
         ``{"instances": Instances}`` at the original size (``height`` / ``width`` of the inputs)."""
+        if not self.training:
+            return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         padded_height, padded_width = images.tensor.shape[-2:]
-        if self.training:
-            if any("instances" not in x for x in batched_inputs):
-                raise ValueError("CondInst in training mode needs 'instances' in every input")
-            add_targets = add_bitmask_targets if self.boxinst is None else add_box_bitmask_targets
-            gt_instances = [add_targets(x["instances"].to(self.device), padded_height, padded_width,
-                                        self.mask_head.mask_out_stride) for x in batched_inputs]
-            mask_feats, losses = self.mask_branch(features, gt_instances)
-            predictions = self.proposal_generator.predict(features, self.controller)
-            fcos_losses, positives = self.proposal_generator.losses(predictions, gt_instances)
-            losses.update(fcos_losses)
-            positives = sample_positives(positives, self.max_proposals, self.topk_proposals_per_im)
-            positives.mask_head_params = positives.top_feats
-            if self.boxinst is None:
-                losses.update(self.mask_head.loss(mask_feats, self.mask_branch.out_stride, positives, gt_instances))
-            else:
-                similarity = self.color_similarities(batched_inputs, padded_height, padded_width)
-                losses.update(self.boxinst_mask_losses(mask_feats, positives, gt_instances, similarity))
-            return losses
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError("CondInst in training mode needs 'instances' in every input")
+        add_targets = add_bitmask_targets if self.boxinst is None else add_box_bitmask_targets
+        gt_instances = [add_targets(x["instances"].to(self.device), padded_height, padded_width,
+                                    self.mask_head.mask_out_stride) for x in batched_inputs]
+        mask_feats, losses = self.mask_branch(features, gt_instances)
+        predictions = self.proposal_generator.predict(features, self.controller)
+        fcos_losses, positives = self.proposal_generator.losses(predictions, gt_instances)
+        losses.update(fcos_losses)
+        positives = sample_positives(positives, self.max_proposals, self.topk_proposals_per_im)
+        positives.mask_head_params = positives.top_feats
+        if self.boxinst is None:
+            losses.update(self.mask_head.loss(mask_feats, self.mask_branch.out_stride, positives, gt_instances))
+        else:
+            similarity = self.color_similarities(batched_inputs, padded_height, padded_width)
+            losses.update(self.boxinst_mask_losses(mask_feats, positives, gt_instances, similarity))
+        return losses
 
+    def inference(self, batched_inputs: List[Dict], do_postprocess=True):
+        """As ``GeneralizedRCNN.inference``: per image ``{"instances": Instances}`` at the original size,
+        or without ``do_postprocess`` the ``Instances`` at the input size with soft full-image
+        ``pred_masks`` (N, h, w) (what export traces; see :meth:`postprocess`)."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
         mask_feats, _ = self.mask_branch(features)
         predictions = self.proposal_generator.predict(features, self.controller)
         detections = self.proposal_generator.inference(predictions, images.image_sizes)
-        return self.predict_masks(mask_feats, detections, batched_inputs, images.image_sizes)
+        results = self.predict_masks(mask_feats, detections, images.image_sizes)
+        if not do_postprocess:
+            return results
+        return postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
+
+    def postprocess(self, results: Instances, height, width):
+        """Input-size ``Instances`` -> boolean masks and boxes at the original ``height`` x ``width``."""
+        return postprocess_full_image_masks(results, height, width, self.mask_threshold)
 
     def color_similarities(self, batched_inputs, padded_height, padded_width):
         """BoxInst: (B, K, H/s, W/s) colour similarity (L*a*b*) of every stride-s pixel of each padded
@@ -164,8 +178,9 @@ class CondInst(PixelNormalizationMixin, nn.Module):
                               kernel_size=self.boxinst["kernel_size"], dilation=self.boxinst["dilation"],
                               color_thresh=self.boxinst["color_thresh"], warmup_factor=warmup_factor)
 
-    def predict_masks(self, mask_feats, detections: List[Instances], batched_inputs, image_sizes):
-        """Run the dynamic head on the detections of all images at once and post-process each image."""
+    def predict_masks(self, mask_feats, detections: List[Instances], image_sizes):
+        """Run the dynamic head on the detections of all images at once; per image, the detections get
+        soft ``pred_masks`` (N, h, w) over the input image (before padding)."""
         batch_detections = Instances((0, 0))  # the detections of all images (their sizes differ)
         batch_detections.im_inds = torch.cat([
             torch.full((len(det),), i, dtype=torch.int64, device=self.device) for i, det in enumerate(detections)])
@@ -173,13 +188,8 @@ class CondInst(PixelNormalizationMixin, nn.Module):
             batch_detections.set(field, torch.cat([det.get(field) for det in detections]))
         batch_detections.mask_head_params = torch.cat([det.top_feat for det in detections])
         mask_probs = self.mask_head(mask_feats, self.mask_branch.out_stride, batch_detections).sigmoid()
-        results = []
-        for det, probs, inputs, (height, width) in zip(
-                detections, mask_probs.split([len(d) for d in detections]), batched_inputs, image_sizes):
+        for det, probs, (height, width) in zip(detections, mask_probs.split([len(d) for d in detections]), image_sizes):
             # Back to the padded input resolution, then crop the image (before padding).
-            probs = aligned_bilinear(probs, self.mask_head.mask_out_stride)[:, 0, :height, :width]
             det.remove("top_feat")
-            det.pred_masks = probs
-            results.append({"instances": postprocess_full_image_masks(
-                det, inputs.get("height", height), inputs.get("width", width), self.mask_threshold)})
-        return results
+            det.pred_masks = aligned_bilinear(probs, self.mask_head.mask_out_stride)[:, 0, :height, :width]
+        return detections

@@ -29,7 +29,8 @@ def relative_coordinates(instance_locations, pixel_locations, sizes_of_interest)
 class DynamicMaskHead(nn.Module):
     """CondInst's dynamic mask head: per instance, ``num_layers`` 1x1 convs whose weights come from the
     controller, applied to the mask features (plus relative coordinates). All instances of all images
-    run as one grouped convolution (groups = number of instances).
+    run at once as batched matrix products (a 1x1 conv per instance; unlike a grouped convolution, the
+    number of instances is not a constant of a traced graph).
 
     Parameters per instance, in the controller's output order: the weights of each layer (row-major
     (out, in)), then the biases of each layer.
@@ -73,16 +74,14 @@ class DynamicMaskHead(nn.Module):
         return sum(out * inp + out for out, inp in self.layer_shapes)
 
     def split_params(self, params):
-        """(N, num_params) -> per layer, weights (N * out, in, 1, 1) and biases (N * out,) of grouped convs."""
-        num_instances = params.shape[0]
+        """(N, num_params) -> per layer, weights (N, out, in) and biases (N, out, 1) of each instance's 1x1 conv."""
         if params.shape[1] != self.num_params:
             raise ValueError(f"dynamic mask head expects {self.num_params} parameters per instance, got {params.shape[1]}")
         weight_sizes = [out * inp for out, inp in self.layer_shapes]
         bias_sizes = [out for out, _ in self.layer_shapes]
         chunks = params.split(weight_sizes + bias_sizes, dim=1)
-        weights = [w.reshape(num_instances * out, inp, 1, 1)
-                   for w, (out, inp) in zip(chunks[: self.num_layers], self.layer_shapes)]
-        biases = [b.reshape(-1) for b in chunks[self.num_layers:]]
+        weights = [w.unflatten(1, shape) for w, shape in zip(chunks[: self.num_layers], self.layer_shapes)]
+        biases = [b[:, :, None] for b in chunks[self.num_layers:]]
         return weights, biases
 
     def forward(self, mask_feats, mask_feat_stride, instances: Instances):
@@ -98,26 +97,24 @@ class DynamicMaskHead(nn.Module):
             raise ValueError(f"MODEL.CONDINST.MASK_OUT_STRIDE {self.mask_out_stride} must divide the mask "
                              f"branch stride {mask_feat_stride}")
         factor = mask_feat_stride // self.mask_out_stride
-        num_instances = len(instances)
         height, width = mask_feats.shape[-2:]
-        if num_instances == 0:
-            return mask_feats.new_zeros((0, 1, height * factor, width * factor))
-        inputs = mask_feats[instances.im_inds].reshape(num_instances, -1, height * width)
+        x = mask_feats[instances.im_inds]
+        # Explicit sizes, not flatten: ONNX runtimes reject the -1 of a flatten when there is no instance.
+        x = x.reshape(x.shape[0], x.shape[1], height * width)  # (N, C, H * W)
         if not self.disable_rel_coords:
             pixels = compute_locations(height, width, mask_feat_stride, mask_feats.device)
             coords = relative_coordinates(instances.locations, pixels, self.sizes_of_interest[instances.fpn_levels])
-            inputs = torch.cat((coords.to(inputs.dtype), inputs), dim=1)
-        x = inputs.reshape(1, -1, height, width)
+            x = torch.cat((coords.to(x.dtype), x), dim=1)
         weights, biases = self.split_params(instances.mask_head_params)
         if self.use_fp16:
             if not x.is_cuda:
                 raise ValueError("MODEL.CONDINST.MASK_HEAD.USE_FP16=True needs a CUDA device")
             x, weights, biases = x.half(), [w.half() for w in weights], [b.half() for b in biases]
         for layer, (weight, bias) in enumerate(zip(weights, biases)):
-            x = F.conv2d(x, weight, bias, groups=num_instances)
+            x = torch.baddbmm(bias, weight, x)  # (N, out, in) @ (N, in, H * W) + (N, out, 1)
             if layer < self.num_layers - 1:
                 x = F.relu(x)
-        logits = x.float().reshape(num_instances, 1, height, width)
+        logits = x.float().unflatten(2, (height, width))  # (N, 1, H, W)
         return aligned_bilinear(logits, factor)
 
     def loss(self, mask_feats, mask_feat_stride, instances: Instances, gt_instances: List[Instances]):

@@ -1,16 +1,23 @@
 """FCOS inference: per-level candidates, sqrt(cls * centerness) scores, class-aware NMS, per-image cap."""
+import math
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from detectron2.layers import batched_nms
 from detectron2.structures import Boxes, Instances
 
+from d2ext.layers import capped_count
+
 
 def keep_top_scores(scores, max_detections):
-    """Indices of the scores >= the ``max_detections``-th largest (ties at the cut-off all kept), in order."""
-    if scores.numel() <= max_detections:
-        return torch.arange(scores.numel(), device=scores.device)
-    cutoff = scores.kthvalue(scores.numel() - max_detections + 1).values
+    """Indices of the scores >= the ``max_detections``-th largest (ties at the cut-off all kept), in order.
+
+    No branch on the number of scores, so that it traces: the cut-off is entry ``min(N, max_detections) - 1``
+    of the sorted scores followed by -inf (-inf, i.e. keep all, when there are no scores).
+    """
+    ranked = F.pad(scores.sort(descending=True).values, (0, 1), value=-math.inf)
+    cutoff = ranked[capped_count(scores.shape[0], max_detections) - 1]
     return torch.nonzero(scores >= cutoff).squeeze(1)
 
 
@@ -48,9 +55,8 @@ def fcos_inference_single_image(logits: List[torch.Tensor], box_reg: List[torch.
             probs = probs * ctr
         scores = probs[candidates]
         loc_inds, class_inds = candidates.nonzero(as_tuple=True)
-        if scores.numel() > topk_candidates:
-            scores, order = scores.topk(topk_candidates, sorted=False)
-            loc_inds, class_inds = loc_inds[order], class_inds[order]
+        scores, order = scores.topk(capped_count(scores.shape[0], topk_candidates), sorted=False)
+        loc_inds, class_inds = loc_inds[order], class_inds[order]
         distances = reg_l[loc_inds] * stride
         points = loc_l[loc_inds]
         boxes_all.append(torch.cat((points - distances[:, :2], points + distances[:, 2:]), dim=1))

@@ -83,6 +83,10 @@ def fcos_losses(logits, box_reg, quality, labels, reg_targets, *, cls_normalizer
         zero = box_reg.sum() * 0.0 + quality.sum() * 0.0
         return {"loss_fcos_cls": loss_cls, "loss_fcos_loc": zero, "loss_fcos_ctr": zero}
 
+    if not torch.isfinite(box_reg).all():
+        # fvcore's GIoU would fail on an assertion about the box corners: name the loss instead.
+        raise FloatingPointError("loss_fcos_loc: the predicted box distances contain Inf/NaN. "
+                                 "Training has diverged.")
     loc_losses = box_regression_loss(box_reg, reg_targets, loc_loss_type)
     if box_quality == "ctrness":
         # Weighted by the centerness targets, normalised by their sum over all workers.

@@ -3,6 +3,8 @@ from dataclasses import dataclass
 
 import torch
 
+from d2ext.layers import stable_argsort
+
 from .nms import mask_nms, matrix_nms
 
 NMS_TYPES = ("matrix", "mask")
@@ -54,7 +56,7 @@ def select_instances(category_scores, level_strides, cell_mask_probs, params):
     maskness = (masks * binary).flatten(1).sum(dim=1) / areas
     scores = scores * maskness
 
-    order = torch.argsort(scores, descending=True, stable=True)[: params.nms_pre]
+    order = stable_argsort(scores, descending=True)[: params.nms_pre]
     masks, binary, scores, classes = masks[order], binary[order], scores[order], classes[order]
     if params.nms_type == "matrix":
         scores = matrix_nms(binary, classes, scores, kernel=params.nms_kernel, sigma=params.nms_sigma)
@@ -64,5 +66,5 @@ def select_instances(category_scores, level_strides, cell_mask_probs, params):
     else:
         raise ValueError(f"NMS_TYPE must be one of {NMS_TYPES}, got {params.nms_type!r}")
     masks, scores, classes = masks[keep], scores[keep], classes[keep]
-    order = torch.argsort(scores, descending=True, stable=True)[: params.max_per_image]
+    order = stable_argsort(scores, descending=True)[: params.max_per_image]
     return masks[order], scores[order], classes[order]

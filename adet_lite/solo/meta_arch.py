@@ -7,10 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import BitMasks, Instances
+from detectron2.structures import Instances
 
 from d2ext.config_checks import check_in_features
-from d2ext.layers import PixelNormalizationMixin, padded_bitmasks, postprocess_full_image_masks, rename_reference_keys
+from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, mask_bounding_boxes, padded_bitmasks,
+                          postprocess_full_image_masks, postprocess_per_image, register_empty_load_check,
+                          rename_reference_keys)
 
 from .category_branch import CategoryBranch
 from .checkpoint import reference_format, rename_reference_key
@@ -123,6 +125,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         self.dice_weight = dice_weight
         self.inference_params = inference_params
         self.register_pixel_stats(pixel_mean, pixel_std)
+        register_empty_load_check(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -165,25 +168,32 @@ class SOLO(PixelNormalizationMixin, nn.Module):
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """Detectron2's model interface: losses in training, ``[{"instances": Instances}]`` at test,
         with ``pred_masks`` (N, H, W) bool at the original image size and ``pred_boxes`` derived from them."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        for x in batched_inputs:
+            if "instances" not in x:
+                raise ValueError("SOLO training needs 'instances' in every input (use a dataset mapper "
+                                 "with is_train=True)")
+        images, category_logits, mask_outputs = self._run_branches(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        return self.losses(category_logits, mask_outputs, gt_instances, images.tensor.shape[-2:])
+
+    def _run_branches(self, batched_inputs):
+        """-> (``ImageList``, per level category logits, the mask branch's outputs)."""
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         level_features = resize_instance_levels([features[f] for f in self.instance_in_features])
-        category_logits = self.category_branch(level_features)
-        mask_outputs = self.mask_branch(level_features, features)
-        if self.training:
-            for x in batched_inputs:
-                if "instances" not in x:
-                    raise ValueError("SOLO training needs 'instances' in every input (use a dataset mapper "
-                                     "with is_train=True)")
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-            return self.losses(category_logits, mask_outputs, gt_instances, images.tensor.shape[-2:])
-        results = self.inference(category_logits, mask_outputs, images)
-        processed = []
-        for result, input_per_image, image_size in zip(results, batched_inputs, images.image_sizes):
-            height = input_per_image.get("height", image_size[0])
-            width = input_per_image.get("width", image_size[1])
-            processed.append({"instances": self.postprocess(result, height, width)})
-        return processed
+        return images, self.category_branch(level_features), self.mask_branch(level_features, features)
+
+    def inference(self, batched_inputs: List[Dict[str, torch.Tensor]], do_postprocess=True):
+        """As ``GeneralizedRCNN.inference``: per image ``{"instances": Instances}`` at the original size,
+        or without ``do_postprocess`` the ``Instances`` at the input size (see :meth:`predict_instances`;
+        what export traces)."""
+        images, category_logits, mask_outputs = self._run_branches(batched_inputs)
+        results = self.predict_instances(category_logits, mask_outputs, images)
+        if not do_postprocess:
+            return results
+        return postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
 
     def losses(self, category_logits, mask_outputs, gt_instances, padded_size):
         mask_sizes = self.mask_branch.mask_sizes(mask_outputs)
@@ -191,11 +201,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         mask_probs, mask_targets = [], []
         num_positives = 0
         for image, instances in enumerate(gt_instances):
-            if not instances.has("gt_masks"):
-                raise ValueError("SOLO trains on instance masks but the inputs have no 'gt_masks': give the dataset "
-                                 "'segmentation' annotations (INPUT.MASK_FORMAT polygon or bitmask)")
             targets = assign_grid_targets(
-                padded_bitmasks(instances.gt_masks, padded_size, device=self.device),
+                padded_bitmasks(ensure_gt_masks(instances, "SOLO").gt_masks, padded_size, device=self.device),
                 instances.gt_boxes.tensor, instances.gt_classes,
                 num_classes=self.num_classes, num_grids=self.num_grids, scale_ranges=self.scale_ranges,
                 sigma=self.sigma, mask_sizes=mask_sizes, mask_strides=self.mask_target_strides,
@@ -213,7 +220,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         }
 
     @torch.no_grad()
-    def inference(self, category_logits, mask_outputs, images):
+    def predict_instances(self, category_logits, mask_outputs, images):
         """Per image: ``Instances`` at the input size (before padding) with soft ``pred_masks`` (N, h, w),
         ``scores``, ``pred_classes`` and ``pred_boxes`` of the binary masks."""
         category_scores = [point_nms(x.sigmoid()) for x in category_logits]
@@ -224,8 +231,9 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         for image, (height, width) in enumerate(images.image_sizes):
 
             def cell_mask_probs(levels, cells, image=image):
-                masks = torch.zeros((cells.numel(), *size), device=self.device)
-                for level in torch.unique(levels).tolist():
+                # Every level, also those without candidates: the loop does not depend on the data (traces).
+                masks = torch.zeros((cells.shape[0], *size), device=self.device)
+                for level in range(len(self.num_grids)):
                     selected = levels == level
                     masks[selected] = self.mask_branch.mask_probs(mask_outputs, image, level, cells[selected], size)
                 return masks
@@ -233,23 +241,20 @@ class SOLO(PixelNormalizationMixin, nn.Module):
             masks, scores, classes = select_instances(
                 [s[image] for s in category_scores], self.instance_strides, cell_mask_probs, self.inference_params)
             # Only the kept instances are upsampled: to the padded input, then cropped to the image.
-            if masks.shape[0] > 0:
-                masks = F.interpolate(masks[:, None], size=(padded_h, padded_w), mode="bilinear",
-                                      align_corners=False)[:, 0, :height, :width]
-            else:
-                masks = masks.new_zeros((0, height, width))
+            masks = F.interpolate(masks[:, None], size=(padded_h, padded_w), mode="bilinear",
+                                  align_corners=False)[:, 0, :height, :width]
             result = Instances((height, width))
             result.pred_masks = masks
             result.scores = scores
             result.pred_classes = classes
-            result.pred_boxes = BitMasks(masks > self.inference_params.mask_threshold).get_bounding_boxes().to(self.device)
+            result.pred_boxes = mask_bounding_boxes(masks > self.inference_params.mask_threshold)
             results.append(result)
         return results
 
     def postprocess(self, result, height, width):
         """To the original image size; boxes re-derived from the final masks; empty masks dropped."""
         result = postprocess_full_image_masks(result, height, width, self.inference_params.mask_threshold)
-        result.pred_boxes = BitMasks(result.pred_masks).get_bounding_boxes().to(self.device)
+        result.pred_boxes = mask_bounding_boxes(result.pred_masks)
         return result[result.pred_masks.flatten(1).any(dim=1)]
 
 

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from d2ext.layers import stable_argsort
+
 _MATRIX_NMS_KERNELS = ("gaussian", "linear")
 
 
@@ -49,20 +51,19 @@ def matrix_nms(masks, labels, scores, kernel="gaussian", sigma=2.0):
     if not (masks.shape[0] == labels.shape[0] == scores.shape[0]):
         raise ValueError(f"matrix_nms: {masks.shape[0]} masks, {labels.shape[0]} labels, "
                          f"{scores.shape[0]} scores")
-    num = scores.shape[0]
-    if num == 0:
-        return scores.clone()
-    order = torch.argsort(scores, descending=True, stable=True)
+    order = stable_argsort(scores, descending=True)
     sorted_labels = labels[order]
     same_label = sorted_labels[:, None] == sorted_labels[None, :]
     iou = (mask_iou_matrix(masks[order]) * same_label).triu(diagonal=1)
-    compensation = iou.max(dim=0).values[:, None]  # (N, 1): row i holds compensation_i
+    # The reductions over dim 0 get one extra row that changes nothing (IoUs are >= 0; the first row of
+    # ``ratio`` is <= 1): with N = 0 they are then defined, with no branch on N (so that it traces).
+    compensation = F.pad(iou, (0, 0, 0, 1)).max(dim=0).values[:, None]  # (N, 1): row i holds compensation_i
     if kernel == "gaussian":
         ratio = torch.exp(-sigma * (iou ** 2 - compensation ** 2))
     else:
         # An exact duplicate (compensation 1) must not divide by zero.
         ratio = (1 - iou) / (1 - compensation).clamp(min=1e-6)
-    decay = ratio.min(dim=0).values
+    decay = F.pad(ratio, (0, 0, 0, 1), value=1.0).min(dim=0).values
     decayed = torch.empty_like(scores)
     decayed[order] = scores[order] * decay
     return decayed
@@ -76,7 +77,7 @@ def mask_nms(masks, labels, scores, iou_threshold=0.5):
     Returns:
         (K,) indices (into the inputs) of the kept masks, by decreasing score.
     """
-    order = torch.argsort(scores, descending=True, stable=True)
+    order = stable_argsort(scores, descending=True)
     sorted_labels = labels[order]
     same_label = sorted_labels[:, None] == sorted_labels[None, :]
     suppresses = ((mask_iou_matrix(masks[order]) > iou_threshold) & same_label).triu(diagonal=1)

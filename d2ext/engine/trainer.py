@@ -1,12 +1,19 @@
 """The trainer of ``projects/train_net.py``: Detectron2's DefaultTrainer with COCO evaluation."""
 import contextlib
+import logging
 import os
 from unittest import mock
 
+import torch
+
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
+from ..data.mapper import DatasetMapper
 from ..evaluation import build_coco_evaluator
+from ..layers import register_empty_load_check
 
 
 @contextlib.contextmanager
@@ -27,13 +34,75 @@ def _cpu_aware_ddp():
         yield
 
 
+# Detectron2 v0.6's DefaultTrainer checkpoints the iteration and its hooks' states (the LR scheduler's),
+# not the optimizer's: a resumed run lost its momentum and trained its first iteration at the LR the
+# optimizer was built with (the warm-up start). Newer Detectron2 adds the optimizer under "_trainer".
+_D2_CHECKPOINTS_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
+
+
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with _cpu_aware_ddp():
             super().__init__(cfg)
+
+    def state_dict(self):
+        """What ``--resume`` restores: iteration, hooks (LR scheduler) and the optimizer (momentum, LR)."""
+        state = super().state_dict()
+        if not _D2_CHECKPOINTS_OPTIMIZER:
+            state["_trainer"] = self._trainer.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if _D2_CHECKPOINTS_OPTIMIZER:
+            return
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger(__name__).warning(
+                "The checkpoint has no optimizer state (written by Detectron2 v0.6's trainer): resuming "
+                "without the optimizer's state (momentum), at its initial LR for one iteration")
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_coco_evaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """Detectron2's training loader with d2ext's ``DatasetMapper`` (malformed polygons are named)."""
+        return build_detection_train_loader(cfg, mapper=DatasetMapper(cfg, is_train=True))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with d2ext's ``DatasetMapper`` (an unreadable image file is named)."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=DatasetMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model; a checkpoint that loads nothing into it is an error, also for Detectron2's
+        own meta-architectures (``GeneralizedRCNN`` of the NL-RoI configs)."""
+        model = super().build_model(cfg)
+        register_empty_load_check(model)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """Detectron2's SGD, or AdamW with the same parameter groups when ``SOLVER.OPTIMIZER`` says so."""
+        name = cfg.SOLVER.OPTIMIZER
+        if name == "SGD":
+            return super().build_optimizer(cfg, model)
+        if name != "AdamW":
+            raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got {name!r}")
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )

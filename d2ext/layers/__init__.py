@@ -1,25 +1,32 @@
 """Pieces shared by several methods (they exist once, here)."""
 from .conv import conv_norm_relu, conv_norm_relu_reference_key
 from .coords import coordinate_features
-from .gt_masks import padded_bitmasks, semantic_targets
+from .gt_masks import ensure_gt_masks, padded_bitmasks, semantic_targets
 from .images import PixelNormalizationMixin
 from .losses import dice_loss
 from .mmdet_names import mmdet_resnet_fpn_key
-from .postprocess import postprocess_full_image_masks
-from .state_dict import ReferenceCheckpointMixin, rename_reference_keys
+from .postprocess import (capped_count, mask_bounding_boxes, postprocess_full_image_masks, postprocess_per_image,
+                          stable_argsort)
+from .state_dict import ReferenceCheckpointMixin, register_empty_load_check, rename_reference_keys
 from .upsample import aligned_bilinear
 
 __all__ = [
     "PixelNormalizationMixin",
     "ReferenceCheckpointMixin",
     "aligned_bilinear",
+    "capped_count",
     "conv_norm_relu",
     "conv_norm_relu_reference_key",
     "coordinate_features",
     "dice_loss",
+    "ensure_gt_masks",
+    "mask_bounding_boxes",
     "mmdet_resnet_fpn_key",
     "padded_bitmasks",
     "postprocess_full_image_masks",
+    "postprocess_per_image",
+    "register_empty_load_check",
     "rename_reference_keys",
     "semantic_targets",
+    "stable_argsort",
 ]

@@ -7,6 +7,24 @@ from detectron2.structures import BitMasks, Instances, PolygonMasks
 from detectron2.structures.masks import polygons_to_bitmask
 
 
+def ensure_gt_masks(instances: Instances, model_name):
+    """One training image's ``instances``, with ``gt_masks``.
+
+    Detectron2's ``annotations_to_instances`` adds ``gt_masks`` only to images that have annotations: an
+    image without any gets an empty ``PolygonMasks`` here, so that mask targets need no special case.
+
+    Raises:
+        ValueError naming ``model_name`` if ``instances`` is not empty but has no ``gt_masks`` (data
+        loaded without masks).
+    """
+    if not instances.has("gt_masks"):
+        if len(instances):
+            raise ValueError(f"{model_name} trains on instance masks but the inputs' instances have no gt_masks "
+                             "(set MODEL.MASK_ON True and give the dataset 'segmentation' annotations)")
+        instances.gt_masks = PolygonMasks([])
+    return instances
+
+
 def padded_bitmasks(gt_masks, padded_size, device=None):
     """Ground-truth instance masks as one boolean tensor on the padded batch image.
 

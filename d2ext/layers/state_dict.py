@@ -26,13 +26,18 @@ def rename_reference_keys(module, state_dict, prefix, rename, error_msgs, source
             continue
         new_local = rename(local)
         if new_local is None or new_local not in own_shapes:
-            error_msgs.append(f"unknown key {key!r} in the {source} checkpoint")
+            # Say why this is an error rather than Detectron2's "unused key" warning: the checkpoint
+            # (e.g. one without this repository's version metadata) is read as the reference's.
+            error_msgs.append(f"unknown key {key!r}: {type(module).__name__} has no such parameter and it is no "
+                              f"{source} name of one (the checkpoint is read as {source}'s)")
             continue
         value = state_dict.pop(key)
         if tuple(value.shape) != own_shapes[new_local]:
             error_msgs.append(
                 f"{source} key {key!r} (loaded as {prefix + new_local!r}) has shape {tuple(value.shape)} "
-                f"in the checkpoint but {own_shapes[new_local]} in the model"
+                f"in the checkpoint but {own_shapes[new_local]} in the model (to fine-tune a released model "
+                f"on another class count, convert it with projects/convert_checkpoint.py and the released "
+                f"model's config first: Detectron2 then skips the layers whose shapes differ, with a warning)"
             )
             continue
         state_dict[prefix + new_local] = value
@@ -65,3 +70,39 @@ class ReferenceCheckpointMixin:
                                   self._reference_source, ignored=self._ignored_reference_keys())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def _some_keys(keys, count=4):
+    """"N: a, b, c, d, ..." for an error message."""
+    return f"{len(keys)}: {', '.join(keys[:count])}{', ...' if len(keys) > count else ''}"
+
+
+def _raise_if_nothing_loaded(module, incompatible_keys):
+    """``load_state_dict`` post-hook of :func:`register_empty_load_check`."""
+    # BatchNorm fills in a missing ``num_batches_tracked`` itself: it is never reported missing.
+    own = [key for key in module.state_dict() if not key.endswith("num_batches_tracked")]
+    missing = set(incompatible_keys.missing_keys)
+    # ``module``'s prefix in the loaded dict: "" at the root, "module." inside DDP.
+    prefixes = {key[: len(key) - len(own[0])] for key in missing if key.endswith(own[0])} if own else ()
+    if not any(all(prefix + key in missing for key in own) for prefix in prefixes):
+        return
+    unexpected = incompatible_keys.unexpected_keys
+    found = (f"Checkpoint keys that are not the model's ({_some_keys(unexpected)})" if unexpected else
+             "The checkpoint is empty, or its keys with the model's names have other shapes (skipped)")
+    raise RuntimeError(
+        f"Nothing was loaded into {type(module).__name__}: the checkpoint has none of its parameters and buffers "
+        f"with their shapes (is it a checkpoint of another architecture or backbone?). {found}; "
+        f"model keys ({_some_keys(own)})."
+    )
+
+
+def register_empty_load_check(model):
+    """Make ``model.load_state_dict`` (so also Detectron2's ``DetectionCheckpointer.load``, which loads
+    with ``strict=False`` and only logs what it skips) raise a RuntimeError when the state dict matches
+    none of ``model``'s parameters and buffers: a model left at its random initialisation must not look
+    loaded. Partial loads (an ImageNet backbone, another class count) keep Detectron2's log report.
+    Call it in a meta-architecture's ``__init__``; it also works when ``model`` is wrapped (DDP). Idempotent.
+    """
+    if not getattr(model, "_has_empty_load_check", False):
+        model.register_load_state_dict_post_hook(_raise_if_nothing_loaded)
+        model._has_empty_load_check = True

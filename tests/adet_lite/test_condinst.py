@@ -182,8 +182,8 @@ def test_bitmask_targets_sample_stride_centres():
     empty.gt_masks = PolygonMasks([])
     empty.gt_boxes = Boxes(torch.zeros(0, 4))
     assert add_bitmask_targets(empty, 32, 32, 4).gt_bitmasks.shape == (0, 8, 8)
-    no_masks = Instances((20, 24))
-    no_masks.gt_boxes = Boxes(torch.zeros(0, 4))
+    no_masks = Instances((20, 24))  # an instance without a mask (an image without any gets empty masks)
+    no_masks.gt_boxes = Boxes(torch.tensor([[2.0, 2.0, 9.0, 9.0]]))
     with pytest.raises(ValueError, match="gt_masks"):
         add_bitmask_targets(no_masks, 32, 32, 4)
 

@@ -78,7 +78,8 @@ def main(args):
         out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
         save_rgb(out, overlay)
         written.append(out)
-        print(f"{path}: {len(instances)} instances -> {out}")
+        drawn = int((instances.scores >= args.confidence_threshold).sum())
+        print(f"{path}: {drawn} of {len(instances)} instances drawn (score >= {args.confidence_threshold}) -> {out}")
     return written
 
 

@@ -10,7 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from d2ext.layers import register_empty_load_check
+from d2ext.layers import postprocess_per_image, register_empty_load_check
 
 from .mbrm import MBRM, cat_profiles
 
@@ -98,17 +98,18 @@ class GeneralizedRCNNWithMBRM(GeneralizedRCNN):
         if self.mbrm is None or not do_postprocess:
             return super().inference(batched_inputs, detected_instances, do_postprocess)
         results = super().inference(batched_inputs, detected_instances, do_postprocess=False)
-        outputs = []
-        for raw, inputs in zip(results, batched_inputs):
-            height = inputs.get("height", raw.image_size[0])
-            width = inputs.get("width", raw.image_size[1])
-            # detector_postprocess replaces pred_masks by binary pasted masks (and drops empty boxes):
-            # keep the soft RoI masks in a field that it indexes along.
-            raw.roi_mask_probs = raw.pred_masks[:, 0]
-            instances = detector_postprocess(raw, height, width)
-            soft = pasted_soft_masks(instances.roi_mask_probs, instances.pred_boxes.tensor,
-                                     instances.image_size, self.mask_chunk_size)
-            instances = refine_instances_with_mbrm(self.mbrm, instances, soft)
-            instances.remove("roi_mask_probs")
-            outputs.append({"instances": instances})
-        return outputs
+        return postprocess_per_image(results, batched_inputs, [r.image_size for r in results],
+                                     self._postprocess_with_mbrm)
+
+    def _postprocess_with_mbrm(self, raw: Instances, height, width):
+        """One image's raw outputs -> Detectron2's ``detector_postprocess`` at ``height`` x ``width``, with
+        the boxes refined by MBRM from the soft pasted masks."""
+        # detector_postprocess replaces pred_masks by binary pasted masks (and drops empty boxes):
+        # keep the soft RoI masks in a field that it indexes along.
+        raw.roi_mask_probs = raw.pred_masks[:, 0]
+        instances = detector_postprocess(raw, height, width)
+        soft = pasted_soft_masks(instances.roi_mask_probs, instances.pred_boxes.tensor,
+                                 instances.image_size, self.mask_chunk_size)
+        instances = refine_instances_with_mbrm(self.mbrm, instances, soft)
+        instances.remove("roi_mask_probs")
+        return instances

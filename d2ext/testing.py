@@ -7,14 +7,14 @@ import re
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import DatasetCatalog, DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from .data.mapper import DatasetMapper as CheckingDatasetMapper
+from .data.mapper import DatasetMapper
 from .engine import Trainer
 from .engine.config import setup_cfg
 
@@ -45,13 +45,7 @@ def dataset_batch(cfg, dataset_name="synthetic_shapes_mini_train", indices=(0, 1
     Training-time mapping is made deterministic by using the test-time resize (no random flip).
     """
     dicts = DatasetCatalog.get(dataset_name)
-    mapper = DatasetMapper(cfg, is_train=False)
-    mapper.is_train = is_train  # keep annotations; augmentation stays the deterministic test resize
-    batch = []
-    for i in indices:
-        record = copy.deepcopy(dicts[i])
-        batch.append(mapper(record))
-    return batch
+    return map_records(cfg, [dicts[i] for i in indices], is_train)
 
 
 def train_step(model, batch, optimizer=None):
@@ -176,19 +170,15 @@ def assert_instance_predictions(instances, height, width):
     """Non-empty predictions formatted like Detectron2's Mask R-CNN at the original image size:
     ``pred_boxes``, ``scores``, ``pred_classes`` and boolean ``pred_masks`` (N, height, width)."""
     assert len(instances) > 0
-    assert instances.image_size == (height, width)
-    assert instances.pred_masks.shape == (len(instances), height, width)
-    assert instances.pred_masks.dtype == torch.bool
-    for field in ("pred_boxes", "scores", "pred_classes"):
-        assert instances.has(field), field
+    assert_prediction_fields(instances, height, width)
 
 
 def map_records(cfg, records, is_train=True):
     """Map dataset records (Detectron2 dataset dicts, e.g. edited copies of a split's) with the mapper of
-    ``d2ext.engine.Trainer``'s loader, made deterministic as in ``dataset_batch`` (test-time resize);
+    ``d2ext.engine.Trainer``'s loader, made deterministic with the test-time resize (no random flip);
     annotations kept when ``is_train``. Returns the list of inputs."""
-    mapper = CheckingDatasetMapper(cfg, is_train=False)
-    mapper.is_train = is_train
+    mapper = DatasetMapper(cfg, is_train=False)
+    mapper.is_train = is_train  # keep annotations; augmentation stays the deterministic test resize
     return [mapper(copy.deepcopy(record)) for record in records]
 
 
@@ -223,7 +213,7 @@ class DeterministicDataTrainer(Trainer):
 
     def build_train_loader(self, cfg):
         records = DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[: self._num_images]
-        mapper = CheckingDatasetMapper(cfg, is_train=True, augmentations=[T.Resize((self._size, self._size))])
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=[T.Resize((self._size, self._size))])
         return build_detection_train_loader(
             records, mapper=mapper, sampler=TrainingSampler(len(records), shuffle=False),
             total_batch_size=cfg.SOLVER.IMS_PER_BATCH, aspect_ratio_grouping=False, num_workers=0)

@@ -72,7 +72,8 @@ def check_exportable(model):
         raise ValueError(f"{name} with Soft-NMS or box voting cannot be exported (their greedy loops over the "
                          "detections do not trace): set MODEL.ROI_HEADS.SOFT_NMS.ENABLED and "
                          "MODEL.ROI_HEADS.BOX_VOTE.ENABLED False (hard NMS) to export")
-    # RDSNet refines inside the traced inference (untested there), GeneralizedRCNNWithMBRM after it.
+    # RDSNet refines inside the traced inference (untested there); GeneralizedRCNNWithMBRM and adet_lite's
+    # models (``mbrm`` set by MODEL.MBRM.ENABLED) in their post-processing, after it.
     refines = getattr(model, "mbrm_on", getattr(model, "mbrm", None) is not None)
     if refines:
         raise ValueError(f"{name} with MBRM box refinement cannot be exported: set MODEL.MBRM.ENABLED False")

@@ -10,8 +10,10 @@ from .correlation import correlate
 from .cropping import crop_masks, expanded_crop_boxes
 from .mask_loss import ohem_mask_loss
 from .mbrm import MBRM
-from .mbrm_postprocess import GeneralizedRCNNWithMBRM, refine_instances_with_mbrm
+from .mbrm_postprocess import (GeneralizedRCNNWithMBRM, detector_postprocess_with_mbrm, pasted_mask_profiles,
+                               refine_instances_with_mbrm)
 from .rdsnet import RDSNet
 
 __all__ = ["MBRM", "GeneralizedRCNNWithMBRM", "RDSNet", "add_rdsnet_config", "correlate", "crop_masks",
-           "expanded_crop_boxes", "ohem_mask_loss", "refine_instances_with_mbrm"]
+           "detector_postprocess_with_mbrm", "expanded_crop_boxes", "ohem_mask_loss", "pasted_mask_profiles",
+           "refine_instances_with_mbrm"]

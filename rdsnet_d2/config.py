@@ -29,13 +29,15 @@ def add_rdsnet_config(cfg):
     cfg.MODEL.RDSNET.P7_RELU = False  # used by build_rdsnet_resnet_fpn_backbone
 
     cfg.MODEL.MBRM = CN()
-    # MBRM, in RDSNet and in GeneralizedRCNNWithMBRM (Mask R-CNN): the box refinement at inference.
+    # MBRM: the box refinement at inference, in RDSNet, GeneralizedRCNNWithMBRM (Mask R-CNN) and adet_lite's
+    # CondInst / BoxInst, BlendMask, SOLO and SOLOv2. TRAIN and TRAIN_IOU: RDSNet only.
     cfg.MODEL.MBRM.ENABLED = False  # refine the boxes of the detections with MBRM at inference
     cfg.MODEL.MBRM.TRAIN = False  # MBRM training stage: only MBRM learns (loss_mbrm), the rest is frozen
     cfg.MODEL.MBRM.KERNEL_HALF_SIZE = 4  # s: 1-D kernel of 2s + 1 taps
     cfg.MODEL.MBRM.GAMMA = 0.05  # prior sigma = max(GAMMA * box size, 1) pixels
     cfg.MODEL.MBRM.PRIOR_CUTOFF = 0.0044  # prior density <= this is set to 0 (truncation)
     cfg.MODEL.MBRM.TRAIN_IOU = 0.5  # a detection trains MBRM if its IoU with a GT box reaches this
-    # GeneralizedRCNNWithMBRM: detections whose soft RoI masks are pasted into the image at once
+    # Models other than RDSNet: detections whose full-size soft masks (CondInst, SOLO) or pasted RoI-mask
+    # windows (Mask R-CNN, BlendMask; one at a time on CPU) are made at once (bounds peak test memory)
     cfg.MODEL.MBRM.MASK_CHUNK_SIZE = 16
     return cfg

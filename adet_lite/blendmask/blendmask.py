@@ -13,6 +13,7 @@ from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, padded_bitma
 from ..fcos.head import top_feats_conv
 from ..fcos.losses import centerness_normalizer
 from ..fcos.targets import centerness_targets
+from ..mbrm import mbrm_options
 from .basis_module import build_basis_module
 from .blender import Blender, blender_mask_loss
 
@@ -46,13 +47,16 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
     @configurable
     def __init__(self, *, backbone: Backbone, proposal_generator: nn.Module, basis_module: nn.Module,
                  blender: Blender, num_bases, pixel_mean, pixel_std, instance_loss_weight=1.0,
-                 semantic_loss=None, mask_threshold=0.5):
+                 semantic_loss=None, mask_threshold=0.5, mbrm=None, mbrm_chunk_size=16):
         """
         Args:
             proposal_generator: FCOS (``predict`` / ``losses`` / ``inference``).
             basis_module: ``forward(features, semantic_targets) -> (bases, losses)``, bases at ``out_stride``.
             num_bases: K, the basis module's output channels.
             semantic_loss: None, or ``(num_classes, stride)`` of the basis module's semantic targets.
+            mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the boxes from the soft pasted masks at
+                inference (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``).
+            mbrm_chunk_size: with ``mbrm``, masks pasted at once (on GPU; one at a time on CPU).
         """
         super().__init__()
         self.backbone = backbone
@@ -63,6 +67,8 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         self.instance_loss_weight = instance_loss_weight
         self.semantic_loss = semantic_loss
         self.mask_threshold = mask_threshold
+        self.mbrm = mbrm
+        self.mbrm_chunk_size = mbrm_chunk_size
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
 
@@ -95,6 +101,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "instance_loss_weight": cfg.MODEL.BLENDMASK.INSTANCE_LOSS_WEIGHT,
             "semantic_loss": (basis.NUM_CLASSES, basis.COMMON_STRIDE) if basis.LOSS_ON else None,
+            **mbrm_options(cfg, "BlendMask"),
         }
 
     def forward(self, batched_inputs: List[Dict]):
@@ -133,8 +140,15 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
 
     def postprocess(self, results: Instances, height, width):
         """Input-size ``Instances`` -> the masks pasted into their boxes at the original ``height`` x
-        ``width`` (Detectron2's ``detector_postprocess``), boolean."""
-        result = detector_postprocess(results, height, width, self.mask_threshold)
+        ``width`` (Detectron2's ``detector_postprocess``), boolean; with MBRM, the boxes refined from the
+        soft pasted masks (Mask R-CNN's MBRM post-processing)."""
+        if self.mbrm is None:
+            result = detector_postprocess(results, height, width, self.mask_threshold)
+        else:
+            from rdsnet_d2.mbrm_postprocess import detector_postprocess_with_mbrm  # optional use: lazy
+
+            result = detector_postprocess_with_mbrm(self.mbrm, results, height, width, self.mask_threshold,
+                                                    self.mbrm_chunk_size)
         result.pred_masks = result.pred_masks.bool()  # v0.6 pastes an empty set as uint8
         return result
 

@@ -13,6 +13,7 @@ from d2ext.layers import (PixelNormalizationMixin, aligned_bilinear, ensure_gt_m
                           postprocess_full_image_masks, postprocess_per_image, register_empty_load_check)
 
 from ..fcos.head import top_feats_conv
+from ..mbrm import mbrm_options
 
 from .boxinst import add_box_bitmask_targets, boxinst_losses, color_similarity, rgb_to_lab
 from .dynamic_mask_head import DynamicMaskHead
@@ -45,12 +46,15 @@ class CondInst(PixelNormalizationMixin, nn.Module):
     @configurable
     def __init__(self, *, backbone: Backbone, proposal_generator: nn.Module, mask_branch: MaskBranch,
                  mask_head: DynamicMaskHead, pixel_mean, pixel_std, max_proposals=-1, topk_proposals_per_im=-1,
-                 mask_threshold=0.5, boxinst=None, input_format="BGR"):
+                 mask_threshold=0.5, boxinst=None, input_format="BGR", mbrm=None, mbrm_chunk_size=16):
         """
         Args:
             boxinst: None for CondInst; for BoxInst a dict with ``bottom_pixels_removed``,
                 ``kernel_size``, ``dilation``, ``warmup_iters``, ``color_thresh`` (MODEL.BOXINST.*).
             input_format: channel order of the input images ("BGR" or "RGB"; BoxInst's colours).
+            mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the boxes from the soft masks at inference
+                (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``).
+            mbrm_chunk_size: with ``mbrm``, detections whose full-size soft masks exist at once.
         """
         super().__init__()
         if input_format not in ("BGR", "RGB"):
@@ -65,6 +69,8 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         self.mask_threshold = mask_threshold
         self.boxinst = boxinst
         self.input_format = input_format
+        self.mbrm = mbrm
+        self.mbrm_chunk_size = mbrm_chunk_size
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
 
@@ -98,6 +104,7 @@ class CondInst(PixelNormalizationMixin, nn.Module):
             "topk_proposals_per_im": cfg.MODEL.CONDINST.TOPK_PROPOSALS_PER_IM,
             "boxinst": boxinst,
             "input_format": cfg.INPUT.FORMAT,
+            **mbrm_options(cfg, "CondInst"),
         }
 
     def forward(self, batched_inputs: List[Dict]):
@@ -141,8 +148,10 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         return postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
 
     def postprocess(self, results: Instances, height, width):
-        """Input-size ``Instances`` -> boolean masks and boxes at the original ``height`` x ``width``."""
-        return postprocess_full_image_masks(results, height, width, self.mask_threshold)
+        """Input-size ``Instances`` -> boolean masks and boxes at the original ``height`` x ``width``; with
+        MBRM, the boxes refined from the soft masks at that size."""
+        return postprocess_full_image_masks(results, height, width, self.mask_threshold,
+                                            refine_boxes=self.mbrm, chunk_size=self.mbrm_chunk_size)
 
     def color_similarities(self, batched_inputs, padded_height, padded_width):
         """BoxInst: (B, K, H/s, W/s) colour similarity (L*a*b*) of every stride-s pixel of each padded

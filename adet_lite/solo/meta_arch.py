@@ -14,6 +14,7 @@ from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, mask_boundin
                           postprocess_full_image_masks, postprocess_per_image, register_empty_load_check,
                           rename_reference_keys)
 
+from ..mbrm import mbrm_options
 from .category_branch import CategoryBranch
 from .checkpoint import reference_format, rename_reference_key
 from .inference import NMS_TYPES, GridInferenceParams, select_instances
@@ -98,6 +99,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         inference_params,
         pixel_mean,
         pixel_std,
+        mbrm=None,
+        mbrm_chunk_size=16,
     ):
         """
         Args:
@@ -105,6 +108,9 @@ class SOLO(PixelNormalizationMixin, nn.Module):
                 ``mask_sizes(outputs)`` and ``mask_probs(outputs, image, level, cells, size)``.
             mask_target_strides: per level, the stride of the predicted masks on the input image.
             deduplicate_cells: one positive per cell (SOLO) or one per (instance, cell) pair (SOLOv2).
+            mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the masks' boxes from the soft masks at
+                inference (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``); mbrm_chunk_size: with it,
+                detections whose full-size soft masks exist at once.
             The others: see ``add_solo_config``.
         """
         super().__init__()
@@ -124,6 +130,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
         self.inference_params = inference_params
+        self.mbrm = mbrm
+        self.mbrm_chunk_size = mbrm_chunk_size
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
 
@@ -151,6 +159,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
             "deduplicate_cells": True,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            **mbrm_options(cfg, "SOLO"),
         }
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -252,10 +261,23 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         return results
 
     def postprocess(self, result, height, width):
-        """To the original image size; boxes re-derived from the final masks; empty masks dropped."""
-        result = postprocess_full_image_masks(result, height, width, self.inference_params.mask_threshold)
-        result.pred_boxes = mask_bounding_boxes(result.pred_masks)
+        """To the original image size; boxes re-derived from the final masks (with MBRM, those boxes
+        refined from the soft masks); empty masks dropped."""
+        threshold = self.inference_params.mask_threshold
+        if self.mbrm is None:
+            result = postprocess_full_image_masks(result, height, width, threshold)
+            result.pred_boxes = mask_bounding_boxes(result.pred_masks)
+        else:
+            result = postprocess_full_image_masks(result, height, width, threshold,
+                                                  refine_boxes=self._refined_mask_boxes,
+                                                  chunk_size=self.mbrm_chunk_size)
         return result[result.pred_masks.flatten(1).any(dim=1)]
+
+    def _refined_mask_boxes(self, soft_masks, boxes):
+        """MBRM hook of ``postprocess_full_image_masks``: SOLO's boxes are those of its final binary masks
+        (not the incoming ``boxes``, those of the input-size masks), refined by MBRM from the soft masks."""
+        binary = soft_masks > self.inference_params.mask_threshold
+        return self.mbrm(soft_masks, mask_bounding_boxes(binary).tensor)
 
 
 @META_ARCH_REGISTRY.register()
@@ -299,4 +321,5 @@ class SOLOv2(SOLO):
             "deduplicate_cells": False,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            **mbrm_options(cfg, "SOLOv2"),
         }

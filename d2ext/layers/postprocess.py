@@ -3,24 +3,44 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
 
-def postprocess_full_image_masks(results, output_height, output_width, mask_threshold=0.5):
+def postprocess_full_image_masks(results, output_height, output_width, mask_threshold=0.5, refine_boxes=None,
+                                 chunk_size=16):
     """Detectron2's ``detector_postprocess`` for one-stage models whose masks cover the whole image.
 
     ``detector_postprocess`` treats ``pred_masks`` as (N, 1, M, M) RoI masks pasted into the boxes.
     One-stage models (CondInst, BlendMask, SOLO, RDSNet) predict soft masks over the network's input
     image instead; this rescales boxes like Detectron2 and resizes those masks to the output size.
 
+    ``refine_boxes`` is the hook of box refiners that read the soft masks (MBRM, see rdsnet_d2): it sees
+    the soft masks at the output size before they are thresholded, which exist nowhere else. It is called
+    on ``chunk_size`` detections at a time, so that full-size soft masks of one chunk only are in memory,
+    and returns that chunk's boxes; chunks, not the whole image's ``Instances``, so that the loop that
+    makes the soft masks stays here, once, and the hook is a plain function of (masks, boxes) (an
+    ``MBRM`` module is one). The hook must treat detections independently (chunking must not change its
+    result).
+
     Args:
         results: ``Instances`` at the input resolution (``image_size`` = (h, w) of the resized image,
             before padding) with ``pred_boxes`` and optionally ``pred_masks`` (N, h', w') soft masks in
             [0, 1] covering the input image (h' x w' may be a lower resolution, e.g. stride 4).
         output_height, output_width: the original image size.
+        mask_threshold: soft mask -> boolean mask (strictly above).
+        refine_boxes: None, or ``f(soft_masks (n, H, W), boxes (n, 4)) -> (n, 4)`` boxes at the output
+            size H x W (needs ``pred_masks``).
+        chunk_size: detections resized at once when ``refine_boxes`` is given (without it, all at once).
     Returns:
-        ``Instances`` of size (output_height, output_width) with boolean ``pred_masks`` (N, H, W).
-        Detections whose box is empty after clipping are dropped, as in Detectron2.
+        ``Instances`` of size (output_height, output_width) with boolean ``pred_masks`` (N, H, W) and,
+        with ``refine_boxes``, its boxes. Detections whose box is empty after clipping are dropped, as in
+        Detectron2 (before the refinement).
     """
     if not isinstance(output_height, torch.Tensor):  # while tracing, sizes are 0-dim tensors: keep them traced
         output_height, output_width = int(output_height), int(output_width)
+    if refine_boxes is not None:
+        if not results.has("pred_masks"):
+            raise ValueError("postprocess_full_image_masks: refine_boxes reads the soft masks, but the "
+                             "instances have no pred_masks")
+        if chunk_size < 1:
+            raise ValueError(f"postprocess_full_image_masks: chunk_size must be >= 1, got {chunk_size}")
     scale_x = output_width / results.image_size[1]
     scale_y = output_height / results.image_size[0]
     out = Instances((output_height, output_width), **results.get_fields())
@@ -28,15 +48,28 @@ def postprocess_full_image_masks(results, output_height, output_width, mask_thre
     boxes.scale(scale_x, scale_y)
     boxes.clip(out.image_size)
     out = out[boxes.nonempty()]
-    if out.has("pred_masks"):
-        masks = out.pred_masks
-        if masks.shape[0] == 0:
-            out.pred_masks = masks.new_zeros((0, output_height, output_width), dtype=torch.bool)
-        else:
-            masks = F.interpolate(masks[:, None].float(), size=(output_height, output_width),
-                                  mode="bilinear", align_corners=False)[:, 0]
-            out.pred_masks = masks > mask_threshold
+    if not out.has("pred_masks"):
+        return out
+    masks, output_size = out.pred_masks, (output_height, output_width)
+    if masks.shape[0] == 0:
+        out.pred_masks = masks.new_zeros((0, output_height, output_width), dtype=torch.bool)
+    elif refine_boxes is None:
+        out.pred_masks = _resize_soft_masks(masks, output_size) > mask_threshold
+    else:
+        binary, refined = [], []
+        for start in range(0, len(out), chunk_size):
+            chunk = slice(start, start + chunk_size)
+            soft = _resize_soft_masks(masks[chunk], output_size)
+            refined.append(refine_boxes(soft, out.pred_boxes.tensor[chunk]))
+            binary.append(soft > mask_threshold)
+        out.pred_masks = torch.cat(binary)
+        out.pred_boxes = Boxes(torch.cat(refined))
     return out
+
+
+def _resize_soft_masks(masks, output_size):
+    """(n, h', w') soft masks -> (n, H, W) float, bilinear (align_corners=False)."""
+    return F.interpolate(masks[:, None].float(), size=output_size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def postprocess_per_image(results, batched_inputs, image_sizes, postprocess):

@@ -1,24 +1,34 @@
-"""MBRM as a post-processor of other models: the generic refinement against a per-detection loop, and
-Mask R-CNN with MBRM (``GeneralizedRCNNWithMBRM``) end to end against plain ``GeneralizedRCNN``."""
+"""MBRM as a post-processor of other models: the generic refinement against a per-detection loop, the
+profiles of pasted RoI masks from their windows against full-image pastes, and the models with RoI masks
+end to end: Mask R-CNN with MBRM (``GeneralizedRCNNWithMBRM``) against plain ``GeneralizedRCNN``, BlendMask
+with ``MODEL.MBRM.ENABLED`` against BlendMask without."""
 import os
 
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.layers import paste_masks_in_image
+from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from d2ext.testing import build_tiny_model, config_path, dataset_batch, tiny_cfg, train_step
+from d2ext.testing import (assert_prediction_fields, build_tiny_model, config_path, dataset_batch, predict, tiny_cfg,
+                           train_step)
 from rdsnet_d2 import MBRM, GeneralizedRCNNWithMBRM, refine_instances_with_mbrm
 from rdsnet_d2.mbrm import OFFICIAL_KERNEL
-from rdsnet_d2.mbrm_postprocess import pasted_soft_masks
+from rdsnet_d2.mbrm_postprocess import pasted_mask_profiles
 
 PLAIN = "quickstart/mask_rcnn_R18_FPN_synthetic.yaml"
 WITH_MBRM = "quickstart/mask_rcnn_R18_FPN_mbrm_synthetic.yaml"
+BLENDMASK = "quickstart/blendmask_R18_synthetic.yaml"
+BLENDMASK_WITH_MBRM = "quickstart/blendmask_R18_synthetic_mbrm.yaml"
 # Small images; every RoI passes the score threshold, so untrained models still detect.
 OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
         "TEST.DETECTIONS_PER_IMAGE", "20", "MODEL.MBRM.MASK_CHUNK_SIZE", "7"]
+# Small BlendMask (as tests/adet_lite/test_blendmask.py), every FCOS candidate kept.
+BLENDMASK_OPTS = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "144", "MODEL.FCOS.NUM_CLS_CONVS", "1",
+                  "MODEL.FCOS.NUM_BOX_CONVS", "1", "MODEL.BASIS_MODULE.NUM_CONVS", "1",
+                  "MODEL.BASIS_MODULE.CONVS_DIM", "32", "MODEL.FCOS.INFERENCE_TH_TEST", "0.0"]
 
 
 def _instances(num, height=20, width=30, seed=0):
@@ -59,22 +69,60 @@ def test_refine_instances_empty_and_bad_sizes():
         refine_instances_with_mbrm(mbrm, instances, masks[:2])
 
 
-def test_pasted_soft_masks_chunked_equals_one_paste():
+def _soft_paste(roi_masks, boxes, image_size):
+    """Detectron2's soft pasting over the whole image as it runs on GPU (``paste_masks_in_image`` with
+    threshold -1 pastes whole-image chunks there; on CPU it samples only the box grown by 1 px): (N, H, W)
+    quantised to steps of 1/255."""
+    pasted, _ = _do_paste_mask(roi_masks[:, None], boxes, *image_size, skip_empty=False)
+    return (pasted * 255).to(torch.uint8).float() / 255
+
+
+# Boxes in a 60 x 120 image: sub-pixel, fractional, touching the borders, the whole image, and one 100 px
+# wide (index 4), whose fringe (half a RoI cell: 1.8 px at M = 28) reaches beyond the box grown by 1 px.
+VARIED_BOXES = torch.tensor([
+    [10.3, 4.7, 10.9, 5.1], [0.0, 0.0, 7.5, 6.2], [95.2, 40.1, 120.0, 60.0], [0.0, 0.0, 120.0, 60.0],
+    [10.0, 5.0, 110.0, 55.0], [20.0, 30.0, 31.0, 60.0], [61.6, 0.0, 89.4, 12.8], [1.0, 12.0, 80.0, 19.0],
+])
+
+
+@pytest.mark.parametrize("mask_size", [28, 7])
+def test_pasted_mask_profiles_equal_full_image_profiles(mask_size):
     torch.manual_seed(0)
-    roi_masks = torch.rand(5, 28, 28)
-    boxes = torch.tensor([[2.0, 3.0, 20.0, 15.0], [0.0, 0.0, 40.0, 30.0], [10.5, 4.2, 11.5, 5.0],
-                          [30.0, 20.0, 45.0, 32.0], [5.0, 5.0, 25.0, 9.0]])
-    chunks = list(pasted_soft_masks(roi_masks, boxes, (32, 40), chunk_size=2))
-    assert [len(c) for c in chunks] == [2, 2, 1]
-    soft = torch.cat(chunks)
-    assert torch.equal(soft, paste_masks_in_image(roi_masks, boxes, (32, 40), threshold=-1).float() / 255)
-    assert soft.min() >= 0 and soft.max() <= 1 and soft[0].max() > 0.5
-    assert soft[0, 17:].sum() == 0 and soft[0, :, 22:].sum() == 0  # nothing beyond the box's fringe
+    roi_masks = torch.rand(len(VARIED_BOXES), mask_size, mask_size)
+    roi_masks[:, :, 0] = roi_masks[:, :, -1] = roi_masks[:, 0] = roi_masks[:, -1] = 1.0  # a strong fringe
+    x_expected, y_expected = MBRM.profiles(_soft_paste(roi_masks, VARIED_BOXES, (60, 120)))
+    for chunk_size in (1, 3, len(VARIED_BOXES)):
+        x_profiles, y_profiles = pasted_mask_profiles(roi_masks, VARIED_BOXES, (60, 120), chunk_size)
+        assert torch.equal(x_profiles, x_expected) and torch.equal(y_profiles, y_expected), chunk_size
+    # Column 8 is in the fringe of box 4 (x1 = 10), outside the box grown by 1 px.
+    assert x_expected[4, 8] > 0 and x_expected[4, :3].max() == 0
+
+
+def test_pasted_mask_profiles_equal_detectron2_cpu_paste_for_small_boxes():
+    """On CPU, Detectron2 pastes each mask on its box grown by 1 px: the same as the full paste for boxes
+    up to 2 M px wide, where the fringe is at most 1 px."""
+    torch.manual_seed(1)
+    boxes = torch.tensor([[10.3, 4.7, 10.9, 5.1], [0.0, 0.0, 7.5, 6.2], [40.2, 20.1, 90.0, 60.0],
+                          [5.5, 30.0, 61.4, 59.9]])
+    roi_masks = torch.rand(4, 28, 28)
+    soft = paste_masks_in_image(roi_masks, boxes, (60, 90), threshold=-1).float() / 255
+    expected = MBRM.profiles(soft)
+    profiles = pasted_mask_profiles(roi_masks, boxes, (60, 90), chunk_size=2)
+    assert torch.equal(profiles[0], expected[0]) and torch.equal(profiles[1], expected[1])
+    assert (soft.flatten(1).amax(dim=1)[1:] > 0).all()  # box 0 covers no pixel centre
+
+
+def test_pasted_mask_profiles_without_masks_and_bad_chunk_size():
+    x_profiles, y_profiles = pasted_mask_profiles(torch.zeros(0, 28, 28), torch.zeros(0, 4), (20, 30))
+    assert x_profiles.shape == (0, 30) and y_profiles.shape == (0, 20)
+    with pytest.raises(ValueError, match="chunk_size"):
+        pasted_mask_profiles(torch.rand(2, 28, 28), VARIED_BOXES[:2], (60, 120), chunk_size=0)
 
 
 def _reference_outputs(plain, inputs, mbrm):
-    """Plain Mask R-CNN outputs whose boxes are refined one detection at a time from masks pasted one
-    detection at a time (soft: 0..255 / 255, as Detectron2 pastes at threshold -1)."""
+    """The boxes of a plain model's outputs (Mask R-CNN, BlendMask: RoI masks pasted by Detectron2's
+    ``detector_postprocess``) refined one detection at a time from masks pasted one detection at a time over
+    the whole image (``_soft_paste``)."""
     with torch.no_grad():
         raw = plain.inference(inputs, do_postprocess=False)
     outputs = []
@@ -84,32 +132,40 @@ def _reference_outputs(plain, inputs, mbrm):
         boxes = []
         for i in range(len(result)):
             box = result.pred_boxes.tensor[i: i + 1]
-            soft = paste_masks_in_image(result.roi_masks[i: i + 1], box, result.image_size, threshold=-1)
-            boxes.append(mbrm(soft.float() / 255, box))
+            boxes.append(mbrm(_soft_paste(result.roi_masks[i: i + 1], box, result.image_size), box))
         outputs.append(torch.cat(boxes))
     return outputs
 
 
-def test_mask_rcnn_with_mbrm_end_to_end():
-    plain = build_tiny_model(tiny_cfg(config_path(PLAIN), OPTS)).eval()
-    model = build_tiny_model(tiny_cfg(config_path(WITH_MBRM), OPTS)).eval()
-    assert isinstance(model, GeneralizedRCNNWithMBRM) and isinstance(model.mbrm, MBRM)
+def assert_refined_like_reference(plain, model, inputs):
+    """``model`` (MBRM on) has ``plain``'s weights (besides MBRM's): same masks, scores and classes as
+    ``plain``, boxes those of ``_reference_outputs``, some of them moved. Returns the detection counts."""
     incompatible = model.load_state_dict(plain.state_dict(), strict=False)
     assert incompatible.missing_keys == ["mbrm.weight", "mbrm.bias"] and not incompatible.unexpected_keys
-    inputs = dataset_batch(tiny_cfg(config_path(PLAIN), OPTS), is_train=False)
+    plain.eval(), model.eval()
     with torch.no_grad():
         expected, refined = plain(inputs), model(inputs)
     reference_boxes = _reference_outputs(plain, inputs, model.mbrm)
-    moved = 0
+    moved, counts = 0, []
     for inp, exp, out, boxes in zip(inputs, expected, refined, reference_boxes):
         exp, out = exp["instances"], out["instances"]
-        assert out.image_size == (inp["height"], inp["width"]) and len(out) == 20
+        assert out.image_size == (inp["height"], inp["width"])
         assert set(out.get_fields()) == set(exp.get_fields())
         for field in ("scores", "pred_classes", "pred_masks"):
             assert torch.equal(out.get(field), exp.get(field)), field
         assert torch.equal(out.pred_boxes.tensor, boxes)
         moved += int((out.pred_boxes.tensor != exp.pred_boxes.tensor).sum())
+        counts.append(len(out))
     assert moved > 0
+    return counts
+
+
+def test_mask_rcnn_with_mbrm_end_to_end():
+    plain = build_tiny_model(tiny_cfg(config_path(PLAIN), OPTS))
+    model = build_tiny_model(tiny_cfg(config_path(WITH_MBRM), OPTS))
+    assert isinstance(model, GeneralizedRCNNWithMBRM) and isinstance(model.mbrm, MBRM)
+    inputs = dataset_batch(tiny_cfg(config_path(PLAIN), OPTS), is_train=False)
+    assert assert_refined_like_reference(plain, model, inputs) == [20, 20]
 
 
 def test_mask_rcnn_with_mbrm_off_trains_and_loads_like_mask_rcnn(tmp_path):
@@ -134,8 +190,37 @@ def test_mask_rcnn_with_mbrm_off_trains_and_loads_like_mask_rcnn(tmp_path):
     assert torch.equal(with_mbrm.backbone.bottom_up.stem.conv1.weight, plain.backbone.bottom_up.stem.conv1.weight)
 
 
-def test_mask_rcnn_with_mbrm_config_errors():
-    with pytest.raises(ValueError, match="RDSNet only"):
-        build_tiny_model(tiny_cfg(config_path(WITH_MBRM), OPTS + ["MODEL.MBRM.TRAIN", "True"]))
-    with pytest.raises(ValueError, match="MASK_ON"):
-        build_tiny_model(tiny_cfg(config_path(WITH_MBRM), OPTS + ["MODEL.MASK_ON", "False"]))
+@pytest.mark.parametrize("config", [WITH_MBRM, BLENDMASK_WITH_MBRM])
+def test_mbrm_config_errors(config):
+    with pytest.raises(ValueError, match="MODEL.MBRM.TRAIN: .* RDSNet only"):
+        build_tiny_model(tiny_cfg(config_path(config), ["MODEL.MBRM.TRAIN", "True"]))
+    with pytest.raises(ValueError, match="MBRM.ENABLED .* set MODEL.MASK_ON True"):
+        build_tiny_model(tiny_cfg(config_path(config), ["MODEL.MASK_ON", "False"]))
+    with pytest.raises(ValueError, match="MODEL.MBRM.MASK_CHUNK_SIZE"):
+        build_tiny_model(tiny_cfg(config_path(config), ["MODEL.MBRM.MASK_CHUNK_SIZE", "0"]))
+
+
+def test_blendmask_with_mbrm_end_to_end():
+    plain = build_tiny_model(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS))
+    model = build_tiny_model(tiny_cfg(config_path(BLENDMASK_WITH_MBRM), BLENDMASK_OPTS))
+    assert isinstance(model.mbrm, MBRM) and not any(p.requires_grad for p in model.mbrm.parameters())
+    inputs = dataset_batch(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS), is_train=False)
+    assert min(assert_refined_like_reference(plain, model, inputs)) > 0
+
+
+def test_blendmask_with_mbrm_off_and_without_detections():
+    plain = build_tiny_model(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS)).eval()
+    off = build_tiny_model(tiny_cfg(config_path(BLENDMASK_WITH_MBRM), BLENDMASK_OPTS + ["MODEL.MBRM.ENABLED", "False"]))
+    assert off.mbrm is None and off.state_dict().keys() == plain.state_dict().keys()
+    off.load_state_dict(plain.state_dict())
+    inputs = dataset_batch(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS), indices=(0,), is_train=False)
+    with torch.no_grad():
+        a, b = plain(inputs)[0]["instances"], off.eval()(inputs)[0]["instances"]
+    for field in ("pred_boxes", "scores", "pred_classes", "pred_masks"):
+        value_a, value_b = a.get(field), b.get(field)
+        assert torch.equal(getattr(value_a, "tensor", value_a), getattr(value_b, "tensor", value_b)), field
+    # N = 0 with MBRM on
+    cfg = tiny_cfg(config_path(BLENDMASK_WITH_MBRM), BLENDMASK_OPTS + ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"])
+    (inp,), (instances,) = predict(build_tiny_model(cfg), cfg)
+    assert_prediction_fields(instances, inp["height"], inp["width"])
+    assert len(instances) == 0

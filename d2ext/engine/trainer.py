@@ -82,8 +82,15 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         """Detectron2's model; a checkpoint that loads nothing into it is an error, also for Detectron2's
-        own meta-architectures (``GeneralizedRCNN`` of the NL-RoI configs)."""
+        own meta-architectures (``GeneralizedRCNN`` of the NL-RoI configs). ``MODEL.MBRM.ENABLED`` on a model
+        that has no MBRM post-processing is an error (it would otherwise be ignored)."""
         model = super().build_model(cfg)
+        mbrm = cfg.MODEL.get("MBRM")
+        if mbrm is not None and mbrm.ENABLED and getattr(model, "mbrm", None) is None:
+            raise ValueError(
+                f"MODEL.MBRM.ENABLED is True but MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} has no "
+                "MBRM post-processing; MBRM refines boxes from masks in RDSNet, CondInst / BoxInst, BlendMask, "
+                "SOLO / SOLOv2 and GeneralizedRCNNWithMBRM (Mask R-CNN)")
         register_empty_load_check(model)
         return model
 

@@ -203,6 +203,19 @@ def test_wrong_value_type_is_an_error_naming_the_key(key, value, tmp_path):
         setup_cfg(_yaml_overriding(tmp_path, base, key, value))
 
 
+@pytest.mark.parametrize("config", ["fcos_R18_synthetic.yaml", "nlroi_mask_rcnn_R18_FPN_synthetic.yaml",
+                                    "mask_rcnn_R18_FPN_synthetic.yaml"])
+def test_mbrm_switch_on_a_model_without_mbrm_is_an_error(config):
+    cfg = setup_cfg(config_path(f"quickstart/{config}"), ["MODEL.MBRM.ENABLED", "True"])
+    with pytest.raises(ValueError, match="MODEL.MBRM.ENABLED .* has no MBRM post-processing"):
+        Trainer.build_model(cfg)
+
+
+def test_mbrm_switch_on_a_model_with_mbrm_builds():
+    cfg = setup_cfg(config_path("quickstart/condinst_R18_synthetic.yaml"), ["MODEL.MBRM.ENABLED", "True"])
+    assert Trainer.build_model(cfg).mbrm is not None
+
+
 # ---------------------------------------------------------------------------------------- checkpoints
 @contextlib.contextmanager
 def checkpointer_log():

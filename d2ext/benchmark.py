@@ -64,10 +64,51 @@ def median_seconds(fn, device, warmup, iters):
     return statistics.median(times)
 
 
+def _proc_status_mb(field):
+    """A memory line of /proc/self/status (Linux) in MB, or None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory(device):
+    """Restart the peak that ``peak_memory_mb`` reports from the memory in use now: CUDA's allocator
+    statistics, or on Linux this process's peak RSS (``/proc/self/clear_refs``). Returns False where the
+    CPU peak cannot be reset (it then stays the process's peak)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def current_memory_mb(device):
+    """Memory in use now: allocated CUDA memory, or this process's RSS on CPU (NaN off Linux)."""
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(device) / 2**20
+    rss = _proc_status_mb("VmRSS")
+    return float("nan") if rss is None else rss
+
+
 def peak_memory_mb(device):
-    """Peak since the last reset: allocated CUDA memory, or this process's peak RSS on CPU."""
+    """Peak since the last reset: allocated CUDA memory, or this process's peak RSS on CPU.
+
+    On Linux the CPU peak is VmHWM: ``reset_peak_memory`` can reset it, and unlike ``ru_maxrss`` it does
+    not start at the RSS of the parent that spawned this process."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 

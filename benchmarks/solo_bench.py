@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""SOLO family benchmarks (issue 6), each comparison against its baseline measured in the same run:
+Decoupled SOLO's inference peak memory and latency vs SOLO, Matrix NMS vs the package's greedy mask NMS
+on 500 masks, and SOLOv2's end-to-end inference latency vs Detectron2's Mask R-CNN R50-FPN.
+
+    python benchmarks/solo_bench.py                                          # 800 x 1333, CPU
+    python benchmarks/solo_bench.py --size 256 448 --warmup 1 --iters 2 --threads 1   # a quick check
+
+Targets: Decoupled SOLO inference peak memory <= 0.5x SOLO's; Matrix NMS >= 10x faster than greedy mask
+NMS at 500 masks; SOLOv2 vs Mask R-CNN is reported (no target). They are stated for 800 x 1333; other
+sizes are indicative only.
+
+Models are R-50-FPN with random weights (no downloads), each in its own process, so that a peak (RSS on
+CPU, max allocated on CUDA) is its own; peaks are taken over full inference passes (``torch.no_grad``,
+eval mode) after a reset. Every model sees one image tensor of exactly H x W (--size; a built-in
+synthetic image stretched to that size; it is also the "original" size, so masks are returned at H x W).
+
+Random weights would leave the SOLO models with nothing to do: their category scores sit at the prior
+(about 0.01, below SCORE_THR 0.1) and their mask probabilities too (below MASK_THR 0.5, so the area filter
+would drop every mask). So, per model, SCORE_THR is set to the value that lets exactly --candidates grid
+cells of the benchmark image through (the same as passing ``MODEL.SOLO.SCORE_THR <that value>``; the
+script prints it), MASK_THR and UPDATE_THR are 0 (every candidate mask is non-empty and survives: all
+post-processing runs on dense tensors, so its cost does not depend on the masks' content): masks are
+formed for --candidates cells, Matrix NMS runs on them (500 is NMS_PRE) and 100 detections are returned.
+Mask R-CNN runs with a zero score threshold (up to 100 detections), as in the other benchmarks.
+
+Memory columns: "inference MB" is the peak of the full inference passes above the memory in use before
+them (the loaded model, the input and, on CPU, the Python / PyTorch runtime that the whole-process peak
+also counts); "forward only" is the same for the first pass of the process without post-processing
+(backbone + branches: where the variants differ); on CPU, RSS is only approximate for such differences
+(the allocator keeps some freed memory). decoupled_solo_light_R50_3x runs at --size too, not at its
+config's 512 x 852 test size. The package's ``mask_nms`` computes the IoU matrix in one product as
+``matrix_nms`` does; the NMS table shows that shared part on its own.
+"""
+import argparse
+import dataclasses
+import gc
+import math
+import multiprocessing as mp
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+BASELINE = "detectron2 mask_rcnn_R_50_FPN_1x"
+SOLO = "solo_R50_1x"
+DECOUPLED = "decoupled_solo_R50_1x"
+SOLOV2 = "SOLOv2_R50_1x"
+# name -> (config: Detectron2's model-zoo baseline (None) or a file under configs/, its MODEL.<node>)
+MODELS = {
+    BASELINE: (None, None),
+    SOLO: ("SOLO/solo_R50_1x.yaml", "SOLO"),
+    DECOUPLED: ("SOLO/decoupled_solo_R50_1x.yaml", "SOLO"),
+    "decoupled_solo_light_R50_3x": ("SOLO/decoupled_solo_light_R50_3x.yaml", "SOLO"),
+    SOLOV2: ("SOLO/SOLOv2_R50_1x.yaml", "SOLOV2"),
+}
+DECOUPLED_MEMORY_TARGET = 0.5  # Decoupled SOLO / SOLO inference peak memory, at most
+MATRIX_NMS_TARGET = 10.0  # greedy mask NMS time / Matrix NMS time, at least
+TARGET_SIZE = (800, 1333)
+
+
+def exact_size_input(cfg, height, width):
+    """One inference input of exactly ``height`` x ``width``: the first built-in synthetic image, resized
+    by ``synthetic_batch`` and then stretched (those images are nearly square, so the test-time resize
+    alone would give about 800 x 816 for 800 x 1333)."""
+    from d2ext.benchmark import synthetic_batch
+
+    image = synthetic_batch(cfg, 1, height, width)[0]["image"]
+    image = torch.nn.functional.interpolate(image[None].float(), size=(height, width), mode="bilinear",
+                                            align_corners=False)[0]
+    return [{"image": image.round().clamp(0, 255).to(torch.uint8), "height": height, "width": width}]
+
+
+def _tensor_mb(outputs):
+    """Total size of the tensors in a (nested) list / tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.numel() * outputs.element_size() / 2**20
+    return sum(_tensor_mb(o) for o in outputs)
+
+
+def force_candidates(model, inputs, count, device):
+    """Set a SOLO-family model's score threshold so that exactly ``count`` (cell, class) candidates of
+    ``inputs`` (one image) pass it (fewer when fewer scores are positive), from one forward pass without
+    post-processing (backbone + branches), whose memory is measured on the way.
+
+    Returns: dict of the threshold, the candidates, the forward pass's peak memory above what was in use
+    before it and the size of the mask branch's outputs (MB).
+    """
+    from adet_lite.solo import point_nms
+    from d2ext import benchmark
+
+    gc.collect()
+    with torch.no_grad():
+        before = benchmark.current_memory_mb(device)
+        benchmark.reset_peak_memory(device)
+        _, category_logits, mask_outputs = model._run_branches(inputs)
+        forward_mb = benchmark.peak_memory_mb(device) - before
+        mask_output_mb = _tensor_mb(mask_outputs)
+        del mask_outputs
+        scores = torch.cat([point_nms(x.sigmoid()).flatten() for x in category_logits])
+    ranked = scores.sort(descending=True).values
+    threshold = 0.0
+    if count < int((ranked > 0).sum()):
+        threshold = float((ranked[count - 1] + ranked[count]) / 2) if count > 0 else float(ranked[0])
+    model.inference_params = dataclasses.replace(model.inference_params, score_threshold=threshold)
+    return {"score_threshold": threshold, "candidates": int((scores > threshold).sum()), "forward_mb": forward_mb,
+            "mask_output_mb": mask_output_mb}
+
+
+def measure_model(name, args):
+    """In a fresh process: latency, memory before inference, peak memory of inference, masks formed and
+    detections of one model."""
+    import d2ext  # noqa: F401  (datasets)
+    from d2ext import benchmark
+    from d2ext.engine import setup_cfg
+    from detectron2 import model_zoo
+    from detectron2.modeling import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, node = MODELS[name]
+    opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device]
+    if node is None:
+        config_file = model_zoo.get_config_file(benchmark.BASELINE_CONFIG)
+        opts += ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"]
+    else:
+        config_file = os.path.join(REPO, "configs", config)
+        opts += [f"MODEL.{node}.MASK_THR", "0.0", f"MODEL.{node}.UPDATE_THR", "0.0"]
+    cfg = setup_cfg(config_file, opts)
+    inputs = exact_size_input(cfg, *args.size)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    result = {"score_threshold": None, "candidates": None, "masks_formed": None}
+    formed = []
+    if node is not None:
+        result.update(force_candidates(model, inputs, args.candidates, args.device))
+        mask_probs = model.mask_branch.mask_probs
+
+        def counting_mask_probs(*a, **k):  # counts the masks inference forms (first pass only)
+            masks = mask_probs(*a, **k)
+            formed.append(masks.shape[0])
+            return masks
+
+        model.mask_branch.mask_probs = counting_mask_probs
+    gc.collect()
+    with torch.no_grad():
+        result["before_mb"] = benchmark.current_memory_mb(args.device)
+        if not benchmark.reset_peak_memory(args.device):
+            print("warning: the CPU peak could not be reset; peaks include model building", file=sys.stderr)
+        outputs = model(inputs)
+        if node is not None:
+            model.mask_branch.mask_probs = mask_probs
+            result["masks_formed"] = sum(formed)
+        result["detections"] = len(outputs[0]["instances"])
+        del outputs
+        result["seconds"] = benchmark.median_seconds(lambda: model(inputs), args.device, args.warmup, args.iters)
+        result["peak_mb"] = benchmark.peak_memory_mb(args.device)
+    return result
+
+
+def overlapping_blobs(num_masks, height, width, num_classes, num_objects, seed=0):
+    """``num_masks`` binary ellipses, each a jittered copy (centre +-20 % of the radii, radii +-20 %) of
+    one of ``num_objects`` objects, so that like SOLO's candidates several masks cover each object and
+    objects overlap; labels: the object's class; scores: uniform. -> (masks (N, H, W) bool, labels, scores)."""
+    g = torch.Generator().manual_seed(seed)
+    size = torch.tensor([height, width], dtype=torch.float32)
+    centres = torch.rand(num_objects, 2, generator=g) * size
+    radii = (0.03 + 0.15 * torch.rand(num_objects, 2, generator=g)) * size
+    object_classes = torch.randint(num_classes, (num_objects,), generator=g)
+    which = torch.randint(num_objects, (num_masks,), generator=g)
+    jitter = 0.4 * (torch.rand(num_masks, 4, generator=g) - 0.5)
+    centre = centres[which] + jitter[:, :2] * radii[which]
+    radius = radii[which] * (1 + jitter[:, 2:])
+    ys = torch.arange(height, dtype=torch.float32)[None, :, None]
+    xs = torch.arange(width, dtype=torch.float32)[None, None, :]
+    masks = (((ys - centre[:, 0, None, None]) / radius[:, 0, None, None]) ** 2
+             + ((xs - centre[:, 1, None, None]) / radius[:, 1, None, None]) ** 2) <= 1
+    return masks, object_classes[which], torch.rand(num_masks, generator=g)
+
+
+def measure_nms(args):
+    """Median seconds of Matrix NMS, greedy mask NMS and the mask IoU matrix they both compute."""
+    from adet_lite import matrix_nms
+    from adet_lite.solo import mask_nms
+    from adet_lite.solo.nms import mask_iou_matrix
+    from d2ext.benchmark import median_seconds
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Masks at stride 4 of the input padded to a multiple of 32 (SOLO's finest mask resolution).
+    height, width = (math.ceil(s / 32) * 32 // 4 for s in args.size)
+    masks, labels, scores = overlapping_blobs(args.nms_masks, height, width, args.nms_classes, args.nms_objects)
+    masks, labels, scores = masks.to(args.device), labels.to(args.device), scores.to(args.device)
+    runs = {
+        "greedy mask_nms (IoU 0.5)": lambda: mask_nms(masks, labels, scores, iou_threshold=0.5),
+        "adet_lite.matrix_nms (gaussian, sigma 2)": lambda: matrix_nms(masks, labels, scores),
+        "  of which: mask IoU matrix (both compute it)": lambda: mask_iou_matrix(masks),
+    }
+    seconds = {name: median_seconds(fn, args.device, args.warmup, args.nms_iters) for name, fn in runs.items()}
+    kept = {"greedy mask_nms (IoU 0.5)": len(mask_nms(masks, labels, scores, iou_threshold=0.5)),
+            "adet_lite.matrix_nms (gaussian, sigma 2)": int((matrix_nms(masks, labels, scores) >= 0.05).sum())}
+    same_class = labels[:, None] == labels[None, :]
+    overlapping = int(((mask_iou_matrix(masks) > 0.5) & same_class).triu(diagonal=1).sum())
+    return (height, width), seconds, kept, overlapping
+
+
+def verdict(ratio, target, at_most, conclusive):
+    met = ratio <= target if at_most else ratio >= target
+    if not conclusive:
+        return f"{'meets' if met else 'misses'} the bar here; not conclusive: not {TARGET_SIZE[0]}x{TARGET_SIZE[1]}"
+    return "met" if met else "NOT met"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", nargs=2, type=int, default=list(TARGET_SIZE), metavar=("H", "W"),
+                        help="input image height and width (exact)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
+                        help=f"subset of: {', '.join(MODELS)}")
+    parser.add_argument("--candidates", type=int, default=500,
+                        help="grid candidates per image for the SOLO models (SCORE_THR set to give exactly these)")
+    parser.add_argument("--nms-masks", type=int, default=500)
+    parser.add_argument("--nms-classes", type=int, default=4)
+    parser.add_argument("--nms-objects", type=int, default=40, help="objects the NMS masks are copies of")
+    parser.add_argument("--nms-iters", type=int, default=10)
+    args = parser.parse_args()
+
+    from d2ext.benchmark import command_line, format_table, machine_description
+
+    results = {}
+    for name in args.models:
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+            results[name] = pool.submit(measure_model, name, args).result()
+        r = results[name]
+        print(f"{name}: {r['seconds']:.3f} s, peak {r['peak_mb']:.0f} MB ({r['before_mb']:.0f} before inference), "
+              f"{r['masks_formed']} masks formed, {r['detections']} detections", file=sys.stderr, flush=True)
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        mask_size, nms_seconds, nms_kept, overlapping = pool.submit(measure_nms, args).result()
+
+    conclusive = tuple(args.size) == TARGET_SIZE
+    memory = "max allocated" if args.device.startswith("cuda") else "RSS"
+    print(f"command: {command_line()}")
+    print(f"machine: {machine_description(args.device, args.threads)}")
+    print(f"input: one image tensor of {args.size[0]}x{args.size[1]}, batch 1, median of {args.iters} after "
+          f"{args.warmup} warm-up; random weights; peak memory = peak {memory} over all inference passes, each "
+          f"model in its own process")
+    print("\n### End to end vs Detectron2's Mask R-CNN R50-FPN\n")
+    rows = [{"name": n, "mode": "inference", "seconds": r["seconds"], "memory_mb": r["peak_mb"]}
+            for n, r in results.items()]
+    print(format_table(rows, BASELINE))
+
+    if SOLO in results:
+        base = results[SOLO]
+        print(f"\n### SOLO variants vs {SOLO}\n")
+        print("| model | SCORE_THR used | candidates | masks formed | detections | median s | x SOLO | peak MB | "
+              "x SOLO | before inference MB | inference MB (peak - before) | x SOLO | forward only MB | x SOLO | "
+              "mask-branch outputs MB |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name, r in results.items():
+            if MODELS[name][1] != "SOLO":
+                continue
+            extra, base_extra = r["peak_mb"] - r["before_mb"], base["peak_mb"] - base["before_mb"]
+            print(f"| {name} | {r['score_threshold']:.5f} | {r['candidates']} | {r['masks_formed']} | "
+                  f"{r['detections']} | {r['seconds']:.3f} | {r['seconds'] / base['seconds']:.2f} | "
+                  f"{r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} | {r['before_mb']:.0f} | "
+                  f"{extra:.0f} | {extra / base_extra:.2f} | {r['forward_mb']:.0f} | "
+                  f"{r['forward_mb'] / base['forward_mb']:.2f} | {r['mask_output_mb']:.0f} |")
+        print("\n(inference MB: what full inference passes need above the loaded model and runtime; forward only:"
+              " the same for one backbone + branches pass without post-processing (no candidate masks, no"
+              " full-size masks): the first pass of the process; mask-branch outputs: the mask branch's output tensors"
+              " (SOLO: S^2 logits per level; Decoupled: S X and S Y logits per level))")
+    if SOLOV2 in results:
+        r = results[SOLOV2]
+        print(f"\n{SOLOV2}: SCORE_THR used {r['score_threshold']:.5f}, {r['candidates']} candidates, "
+              f"{r['masks_formed']} masks formed, {r['detections']} detections, mask features + kernels "
+              f"{r['mask_output_mb']:.0f} MB; "
+              f"{BASELINE}: {results[BASELINE]['detections'] if BASELINE in results else '-'} detections")
+
+    greedy, matrix = "greedy mask_nms (IoU 0.5)", "adet_lite.matrix_nms (gaussian, sigma 2)"
+    print(f"\n### Matrix NMS vs greedy mask NMS: {args.nms_masks} masks of {mask_size[0]}x{mask_size[1]} "
+          f"(stride 4 of the padded input), {args.nms_classes} classes, copies of {args.nms_objects} ellipses "
+          f"({overlapping} same-class pairs with IoU > 0.5), {args.device}, median of {args.nms_iters}\n")
+    print("| method | median ms | x greedy | kept |")
+    print("| --- | --- | --- | --- |")
+    for name, seconds in nms_seconds.items():
+        kept = nms_kept.get(name, "-")
+        if name == matrix:
+            kept = f"{kept} (score >= 0.05 after decay)"
+        print(f"| {name} | {1000 * seconds:.2f} | {seconds / nms_seconds[greedy]:.3f} | {kept} |")
+
+    print("\n### Targets\n")
+    if SOLO in results and DECOUPLED in results:
+        s, d = results[SOLO], results[DECOUPLED]
+        total = d["peak_mb"] / s["peak_mb"]
+        extra = (d["peak_mb"] - d["before_mb"]) / (s["peak_mb"] - s["before_mb"])
+        forward = d["forward_mb"] / s["forward_mb"]
+        print(f"- Decoupled SOLO / SOLO inference peak memory <= {DECOUPLED_MEMORY_TARGET}: inference passes "
+              f"(peak - memory before inference) {extra:.2f} ({verdict(extra, DECOUPLED_MEMORY_TARGET, True, conclusive)}); "
+              f"whole-process peak {total:.2f}; forward pass only (no post-processing) {forward:.2f}; "
+              f"latency x{d['seconds'] / s['seconds']:.2f}")
+    speedup = nms_seconds[greedy] / nms_seconds[matrix]
+    nms_conclusive = conclusive and args.nms_masks == 500
+    print(f"- Matrix NMS >= {MATRIX_NMS_TARGET:.0f}x faster than greedy mask NMS at 500 masks: {speedup:.2f}x "
+          f"({verdict(speedup, MATRIX_NMS_TARGET, False, nms_conclusive)})")
+    if SOLOV2 in results and BASELINE in results:
+        print(f"- SOLOv2 / Mask R-CNN end-to-end inference time: "
+              f"{results[SOLOV2]['seconds'] / results[BASELINE]['seconds']:.2f} (reported, no target)")
+    if not args.device.startswith("cuda"):
+        print("- CPU run: latencies and the NMS ratio say nothing about a GPU (the references' numbers are GPU).")
+
+
+if __name__ == "__main__":
+    main()

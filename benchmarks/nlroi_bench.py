@@ -18,6 +18,7 @@ trained one does.
 """
 import argparse
 import os
+import statistics
 
 import torch
 
@@ -42,22 +43,29 @@ def model_cfg(config_file, args):
 
 
 def ratio_table(header, rows):
-    """rows: (label, baseline seconds, seconds); prints medians in ms and seconds / baseline."""
-    lines = [f"| {header} | baseline ms | NL-RoI ms | x baseline |", "| --- | --- | --- | --- |"]
-    for label, base, value in rows:
-        lines.append(f"| {label} | {base * 1e3:.1f} | {value * 1e3:.1f} | {value / base:.3f} |")
+    """rows: (label, baseline seconds, seconds[, median of per-round ratios]); prints medians in ms,
+    seconds / baseline, and the per-round ratios' median where given."""
+    paired = any(len(row) == 4 for row in rows)
+    lines = [f"| {header} | baseline ms | NL-RoI ms | x baseline |" + (" median of per-round ratios |" if paired else ""),
+             "| --- | --- | --- | --- |" + (" --- |" if paired else "")]
+    for label, base, value, *paired_ratio in rows:
+        line = f"| {label} | {base * 1e3:.1f} | {value * 1e3:.1f} | {value / base:.3f} |"
+        lines.append(line + (f" {paired_ratio[0]:.3f} |" if paired_ratio else (" - |" if paired else "")))
     return "\n".join(lines)
 
 
 def whole_model_rows(args):
-    """[(mode, plain seconds, NL-RoI seconds)] for inference and one training step."""
+    """[(mode, plain seconds, NL-RoI seconds, median of the per-round ratios)] for inference and one
+    training step; the two models run alternately (``interleaved_seconds``), so that load changes on a
+    shared machine fall on both."""
     plain_cfg, nl_cfg = model_cfg(PLAIN, args), model_cfg(NLROI, args)
     batch = benchmark.synthetic_batch(plain_cfg, 1, args.size[0], args.size[1])
     rows = []
     for mode in args.modes:
-        plain, _ = benchmark.measure(plain_cfg, mode, batch, args.warmup, args.iters)
-        nl, _ = benchmark.measure(nl_cfg, mode, batch, args.warmup, args.iters)
-        rows.append((mode, plain, nl))
+        steps = [benchmark.model_step(plain_cfg, mode, batch), benchmark.model_step(nl_cfg, mode, batch)]
+        plain, nl = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
+        ratios = [n / p for p, n in zip(plain, nl)]
+        rows.append((mode, statistics.median(plain), statistics.median(nl), statistics.median(ratios)))
     return rows
 
 
@@ -118,7 +126,7 @@ def postprocess_rows(args, nl_inference_seconds):
 
 def main():
     parser = argparse.ArgumentParser(description="NL-RoI overhead vs the plain GN Mask R-CNN.")
-    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"))
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("HEIGHT", "WIDTH"), help="exact input size (built-in images stretched to it)")
     parser.add_argument("--proposals", type=int, default=1000)
     parser.add_argument("--rois", nargs="+", type=int, default=[0, 1, 100, 500, 1000, 2000])
     parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
@@ -132,14 +140,14 @@ def main():
 
     models = whole_model_rows(args)
     blocks = block_rows(args)
-    nl_inference = next((nl for mode, _, nl in models if mode == "inference"), None)
+    nl_inference = next((nl for mode, _, nl, _ in models if mode == "inference"), None)
     post, share = postprocess_rows(args, nl_inference)
 
     print(f"command: {benchmark.command_line()}")
     print(f"machine: {benchmark.machine_description(args.device, args.threads)}")
     print(f"input: {args.size[0]}x{args.size[1]}, batch 1, {args.proposals} proposals, "
           f"median of {args.iters} after {args.warmup} warm-up\n")
-    print("Whole model (baseline: mask_rcnn_R_50_FPN_GN_plain_1x.yaml)")
+    print("Whole model (baseline: mask_rcnn_R_50_FPN_GN_plain_1x.yaml; the two models run alternately)")
     print(ratio_table("mode", models))
     print("\nNL-RoI block alone (baseline: the plain GN box head on the same RoIs)")
     print(ratio_table("RoIs of one image", blocks))

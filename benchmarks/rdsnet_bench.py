@@ -80,7 +80,7 @@ def measure_model(name, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"))
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("HEIGHT", "WIDTH"), help="exact input size (built-in images stretched to it)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--images", type=int, default=50, help="inference images for the memory rows")
@@ -102,7 +102,7 @@ def main():
 
     print(f"command: {command_line()}")
     print(f"machine: {machine_description(args.device)}")
-    print(f"input: {args.size[0]}x{args.size[1]} (short x max side), batch 1, median of {args.iters} after "
+    print(f"input: {args.size[0]}x{args.size[1]} (height x width, exact), batch 1, median of {args.iters} after "
           f"{args.warmup} warm-up; memory over {args.images} images; score threshold 0, 100 detections")
     rows = [{"name": n, "mode": "inference", "seconds": s, "memory_mb": p[-1]} for n, (s, p) in results.items()]
     print(format_table(rows, BASELINE))

@@ -64,15 +64,12 @@ TARGET_SIZE = (800, 1333)
 
 
 def exact_size_input(cfg, height, width):
-    """One inference input of exactly ``height`` x ``width``: the first built-in synthetic image, resized
-    by ``synthetic_batch`` and then stretched (those images are nearly square, so the test-time resize
-    alone would give about 800 x 816 for 800 x 1333)."""
+    """One inference input of exactly ``height`` x ``width`` (``d2ext.benchmark.synthetic_batch``), no
+    annotations."""
     from d2ext.benchmark import synthetic_batch
 
-    image = synthetic_batch(cfg, 1, height, width)[0]["image"]
-    image = torch.nn.functional.interpolate(image[None].float(), size=(height, width), mode="bilinear",
-                                            align_corners=False)[0]
-    return [{"image": image.round().clamp(0, 255).to(torch.uint8), "height": height, "width": width}]
+    inputs = synthetic_batch(cfg, 1, height, width)[0]
+    return [{key: inputs[key] for key in ("image", "height", "width")}]
 
 
 def _tensor_mb(outputs):

@@ -51,7 +51,7 @@ def measure_isolated(config_file, opts, mode, args):
 def add_measurement_arguments(parser, default_modes):
     """The options every speed benchmark shares: modes, input size, batch, warm-up / iterations, device, threads."""
     parser.add_argument("--modes", nargs="+", default=default_modes, choices=["inference", "train"])
-    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("MIN", "MAX"))
+    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("HEIGHT", "WIDTH"), help="exact input size (built-in images stretched to it)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
@@ -79,7 +79,7 @@ def measure_and_report(models, args, baseline_name):
             print(f"{name} {mode}: {seconds:.3f} s, {memory:.0f} MB", file=sys.stderr, flush=True)
     print(f"command: {command_line()}")
     print(f"machine: {machine_description(args.device, args.threads)}")
-    print(f"input: {args.size[0]}x{args.size[1]} (short x max side), batch {args.batch_size}, "
+    print(f"input: {args.size[0]}x{args.size[1]} (height x width, exact), batch {args.batch_size}, "
           f"median of {args.iters} after {args.warmup} warm-up")
     print(format_table(rows, baseline_name))
     return rows

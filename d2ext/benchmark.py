@@ -14,6 +14,7 @@ import time
 import torch
 from detectron2 import model_zoo
 from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
@@ -35,15 +36,21 @@ def baseline_cfg():
     return model_zoo.get_config(BASELINE_CONFIG)
 
 
-def synthetic_batch(cfg, batch_size, min_size, max_size, dataset="synthetic_shapes_val"):
-    """Mapped training inputs: built-in images resized like the test-time resize to (min, max)."""
-    cfg = cfg.clone()
-    cfg.defrost()
-    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = min_size, max_size
-    mapper = DatasetMapper(cfg, is_train=False)
-    mapper.is_train = True  # keep the annotations (needed for a training step)
+def synthetic_batch(cfg, batch_size, height, width, dataset="synthetic_shapes_val"):
+    """Mapped training inputs of exactly ``height`` x ``width``: built-in images stretched to that size with
+    their annotations, and ``height`` / ``width`` set to it (post-processing at the input size).
+
+    The built-in images are nearly square: Detectron2's test-time resize to (800, 1333) would give about
+    800 x 816, not the COCO-like 800 x 1333 landscape input that the benchmarks' targets are about.
+    """
+    mapper_args = DatasetMapper.from_config(cfg, is_train=True)
+    mapper_args["augmentations"] = [T.Resize((height, width))]  # deterministic: no flip
+    mapper = DatasetMapper(**mapper_args)
     dicts = DatasetCatalog.get(dataset)
-    return [mapper(copy.deepcopy(dicts[i % len(dicts)])) for i in range(batch_size)]
+    batch = [mapper(copy.deepcopy(dicts[i % len(dicts)])) for i in range(batch_size)]
+    for inputs in batch:
+        inputs["height"], inputs["width"] = height, width
+    return batch
 
 
 def _sync(device):
@@ -112,16 +119,14 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def measure(cfg, mode, batch, warmup, iters):
-    """Median seconds and peak memory of one inference (batch of images) or one training step."""
-    device = cfg.MODEL.DEVICE
+def model_step(cfg, mode, batch):
+    """A freshly built model (seed 0) of ``cfg`` and a function running one inference of ``batch`` (without
+    its annotations) or one SGD training step on it."""
     torch.manual_seed(0)
     model = build_model(cfg)
-    inputs = [{k: v for k, v in d.items() if k != "instances"} for d in batch]
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
     if mode == "inference":
         model.eval()
+        inputs = [{k: v for k, v in d.items() if k != "instances"} for d in batch]
 
         def step():
             with torch.no_grad():
@@ -138,8 +143,39 @@ def measure(cfg, mode, batch, warmup, iters):
                 optimizer.step()
     else:
         raise ValueError(f"mode must be 'inference' or 'train', got {mode!r}")
+    return step
+
+
+def measure(cfg, mode, batch, warmup, iters):
+    """Median seconds and peak memory of one inference (batch of images) or one training step."""
+    device = cfg.MODEL.DEVICE
+    step = model_step(cfg, mode, batch)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step, device, warmup, iters)
     return seconds, peak_memory_mb(device)
+
+
+def interleaved_seconds(steps, device, warmup, iters):
+    """Seconds of each of ``steps`` (functions) over ``iters`` rounds that run them one after the other
+    (A B A B ...), after ``warmup`` such rounds: a slow drift of the machine (other load, clocks) falls on
+    every step alike, and the per-round ratios of two steps compare them under the same conditions.
+
+    Returns:
+        one list of ``iters`` seconds per step.
+    """
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times = [[] for _ in steps]
+    for _ in range(iters):
+        for step, step_times in zip(steps, times):
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            step_times.append(time.perf_counter() - start)
+    return times
 
 
 def format_table(rows, baseline_name):

@@ -77,6 +77,9 @@ def check_exportable(model):
     refines = getattr(model, "mbrm_on", getattr(model, "mbrm", None) is not None)
     if refines:
         raise ValueError(f"{name} with MBRM box refinement cannot be exported: set MODEL.MBRM.ENABLED False")
+    if getattr(model, "panoptic_module", None) is not None:
+        raise ValueError(f"{name} with the panoptic output cannot be exported (what is traced is the detections "
+                         "alone): set MODEL.PANOPTIC_FPN.COMBINE.ENABLED False to export its instance model")
     params = getattr(model, "inference_params", None)
     if getattr(params, "nms_type", None) == "mask":
         raise ValueError(f"{name} with greedy mask NMS cannot be exported (a sequential loop over the "

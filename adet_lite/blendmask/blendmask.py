@@ -1,4 +1,4 @@
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from torch import nn
 from detectron2.config import configurable
@@ -16,6 +16,7 @@ from ..fcos.targets import centerness_targets
 from ..mbrm import mbrm_options
 from .basis_module import build_basis_module
 from .blender import Blender, blender_mask_loss
+from .panoptic import panoptic_options, panoptic_postprocess, sem_seg_targets
 
 
 def thing_semantic_targets(gt_instances: List[Instances], padded_size, num_classes, stride):
@@ -41,13 +42,16 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
 
     Inference returns ``Instances`` like Detectron2's Mask R-CNN: ``pred_boxes``, ``scores``,
     ``pred_classes`` and boolean ``pred_masks`` (R x R masks pasted into their boxes) at the original
-    image size.
+    image size. With a ``panoptic_module`` (``MODEL.PANOPTIC_FPN.COMBINE.ENABLED``, AdelaiDet's panoptic
+    BlendMask) also ``sem_seg`` and ``panoptic_seg`` as Detectron2's ``PanopticFPN``.
     """
 
     @configurable
     def __init__(self, *, backbone: Backbone, proposal_generator: nn.Module, basis_module: nn.Module,
                  blender: Blender, num_bases, pixel_mean, pixel_std, instance_loss_weight=1.0,
-                 semantic_loss=None, mask_threshold=0.5, mbrm=None, mbrm_chunk_size=16):
+                 semantic_loss=None, mask_threshold=0.5, mbrm=None, mbrm_chunk_size=16,
+                 panoptic_module: Optional[nn.Module] = None, sem_seg_num_classes=54, combine_overlap_thresh=0.5,
+                 combine_stuff_area_thresh=4096, combine_instances_score_thresh=0.5):
         """
         Args:
             proposal_generator: FCOS (``predict`` / ``losses`` / ``inference``).
@@ -57,6 +61,12 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
             mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the boxes from the soft pasted masks at
                 inference (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``).
             mbrm_chunk_size: with ``mbrm``, masks pasted at once (on GPU; one at a time on CPU).
+            panoptic_module: None, or a Detectron2 semantic head (``SEM_SEG_HEAD_REGISTRY``: ``forward(features,
+                targets) -> (logits or None, losses)``) trained on the inputs' ``sem_seg`` and combined with
+                the instances at inference.
+            sem_seg_num_classes: with ``panoptic_module``, its classes (0 = things, then the stuff classes).
+            combine_overlap_thresh, combine_stuff_area_thresh, combine_instances_score_thresh: with
+                ``panoptic_module``, the thresholds of Detectron2's ``combine_semantic_and_instance_outputs``.
         """
         super().__init__()
         self.backbone = backbone
@@ -69,6 +79,11 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         self.mask_threshold = mask_threshold
         self.mbrm = mbrm
         self.mbrm_chunk_size = mbrm_chunk_size
+        self.panoptic_module = panoptic_module
+        self.sem_seg_num_classes = sem_seg_num_classes
+        self.combine_overlap_thresh = combine_overlap_thresh
+        self.combine_stuff_area_thresh = combine_stuff_area_thresh
+        self.combine_instances_score_thresh = combine_instances_score_thresh
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
 
@@ -79,9 +94,6 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
                              f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
         if cfg.MODEL.BLENDMASK.VISUALIZE:
             raise ValueError("MODEL.BLENDMASK.VISUALIZE=True (AdelaiDet's basis visualisation) is not supported")
-        if cfg.MODEL.PANOPTIC_FPN.COMBINE.ENABLED:
-            raise ValueError("BlendMask's panoptic output is not built in adet_lite: set "
-                             "MODEL.PANOPTIC_FPN.COMBINE.ENABLED False")
         backbone = build_backbone(cfg)
         output_shape = backbone.output_shape()
         basis_module = build_basis_module(cfg, output_shape)
@@ -102,11 +114,13 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
             "instance_loss_weight": cfg.MODEL.BLENDMASK.INSTANCE_LOSS_WEIGHT,
             "semantic_loss": (basis.NUM_CLASSES, basis.COMMON_STRIDE) if basis.LOSS_ON else None,
             **mbrm_options(cfg, "BlendMask"),
+            **panoptic_options(cfg, output_shape),
         }
 
     def forward(self, batched_inputs: List[Dict]):
         """Detectron2's meta-architecture interface: losses in training, else per image
-        ``{"instances": Instances}`` at the original size (``height`` / ``width`` of the inputs)."""
+        ``{"instances": Instances}`` at the original size (``height`` / ``width`` of the inputs), with a
+        ``panoptic_module`` also ``"sem_seg"`` and ``"panoptic_seg"`` (see :meth:`inference`)."""
         if not self.training:
             return self.inference(batched_inputs)
         images = self.preprocess_image(batched_inputs)
@@ -114,6 +128,10 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         if any("instances" not in x for x in batched_inputs):
             raise ValueError("BlendMask in training mode needs 'instances' in every input")
         gt_instances = [ensure_gt_masks(x["instances"].to(self.device), "BlendMask") for x in batched_inputs]
+        sem_seg = None
+        if self.panoptic_module is not None:
+            sem_seg = sem_seg_targets(batched_inputs, images.image_sizes, images.tensor.shape[-2:],
+                                      self.sem_seg_num_classes, self.panoptic_module.ignore_value, self.device)
         targets = None
         if self.semantic_loss is not None:
             targets = thing_semantic_targets(gt_instances, images.tensor.shape[-2:], *self.semantic_loss)
@@ -122,21 +140,38 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         fcos_losses, positives = self.proposal_generator.losses(predictions, gt_instances)
         losses.update(fcos_losses)
         losses["loss_mask"] = self.instance_loss_weight * self.mask_loss(bases, positives, gt_instances)
+        if sem_seg is not None:
+            losses.update(self.panoptic_module(features, sem_seg)[1])  # Detectron2's loss_sem_seg
         return losses
 
     def inference(self, batched_inputs: List[Dict], do_postprocess=True):
         """As ``GeneralizedRCNN.inference``: per image ``{"instances": Instances}`` at the original size,
         or without ``do_postprocess`` the ``Instances`` at the input size with R x R ``pred_masks``
-        (N, 1, R, R) of the boxes (what export traces; see :meth:`postprocess`)."""
+        (N, 1, R, R) of the boxes (what export traces; see :meth:`postprocess`).
+
+        With a ``panoptic_module``, as Detectron2's ``PanopticFPN.inference``: per image also ``"sem_seg"``
+        (C, H, W) logits and ``"panoptic_seg"`` (``combine_semantic_and_instance_outputs``: (H, W) int32
+        segment ids and the segments' info) at the original size; without ``do_postprocess``, the
+        ``Instances`` and the (N, C, H', W') semantic logits over the padded inputs.
+        """
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         bases, _ = self.basis_module(features)
         predictions = self.proposal_generator.predict(features, self.top_layer)
         detections = self.proposal_generator.inference(predictions, images.image_sizes)
         results = self.predict_masks(bases, detections)
+        if self.panoptic_module is None:
+            if not do_postprocess:
+                return results
+            return postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
+        sem_seg_logits, _ = self.panoptic_module(features, None)
         if not do_postprocess:
-            return results
-        return postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
+            return results, sem_seg_logits
+        outputs = postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
+        for output, logits, image_size in zip(outputs, sem_seg_logits, images.image_sizes):
+            output.update(panoptic_postprocess(output["instances"], logits, image_size, self.combine_overlap_thresh,
+                                               self.combine_stuff_area_thresh, self.combine_instances_score_thresh))
+        return outputs
 
     def postprocess(self, results: Instances, height, width):
         """Input-size ``Instances`` -> the masks pasted into their boxes at the original ``height`` x

@@ -245,7 +245,6 @@ def test_zero_detections():
     (["MODEL.BASIS_MODULE.IN_FEATURES", ["p2", "p3"]], "BASIS_MODULE.IN_FEATURES"),
     (["MODEL.BASIS_MODULE.NAME", "Unknown"], "Unknown"),
     (["MODEL.BLENDMASK.VISUALIZE", True], "VISUALIZE"),
-    (["MODEL.PANOPTIC_FPN.COMBINE.ENABLED", True], "panoptic"),
 ])
 def test_bad_config_values_are_clear_errors(opts, message):
     with pytest.raises((ValueError, KeyError), match=message):

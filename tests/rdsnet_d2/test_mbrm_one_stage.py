@@ -116,21 +116,31 @@ def test_condinst_without_mbrm_outputs_the_resized_masks_and_rescaled_boxes():
         assert torch.equal(out.pred_masks, soft > 0.5) and torch.equal(out.pred_boxes.tensor, boxes)
 
 
-def test_condinst_with_mbrm_end_to_end():
-    plain = build_tiny_model(tiny_cfg(config_path(CONDINST), CONDINST_OPTS))
-    model = _with_weights_of(plain, build_tiny_model(tiny_cfg(config_path(CONDINST_WITH_MBRM), CONDINST_OPTS)))
-    inputs = dataset_batch(tiny_cfg(config_path(CONDINST), CONDINST_OPTS), is_train=False)
+def _assert_mbrm_refines_boxes(plain, model, inputs, expected_boxes):
+    """``model`` (MBRM on, ``plain``'s weights) gives ``plain``'s outputs but the boxes, which equal
+    ``expected_boxes(raw instances, image's inputs, plain's output)`` for every image; some boxes move."""
     with torch.no_grad():
         raw = plain.eval().inference(inputs, do_postprocess=False)
     moved = 0
     for inp, res, exp, out in zip(inputs, raw, _outputs(plain, inputs), _outputs(model, inputs)):
         _assert_same_but_boxes(out, exp)
-        boxes, soft = _resized(res, inp["height"], inp["width"])
-        assert len(out) > 0 and torch.equal(boxes, exp.pred_boxes.tensor)
-        reference = torch.cat([model.mbrm(soft[i: i + 1], boxes[i: i + 1]) for i in range(len(boxes))])
-        assert torch.equal(out.pred_boxes.tensor, reference)
+        assert len(out) > 0
+        assert torch.equal(out.pred_boxes.tensor, expected_boxes(res, inp, exp))
         moved += int((out.pred_boxes.tensor != exp.pred_boxes.tensor).sum())
     assert moved > 0
+
+
+def test_condinst_with_mbrm_end_to_end():
+    plain = build_tiny_model(tiny_cfg(config_path(CONDINST), CONDINST_OPTS))
+    model = _with_weights_of(plain, build_tiny_model(tiny_cfg(config_path(CONDINST_WITH_MBRM), CONDINST_OPTS)))
+
+    def per_detection_mbrm(raw, inputs, plain_output):
+        boxes, soft = _resized(raw, inputs["height"], inputs["width"])
+        assert torch.equal(boxes, plain_output.pred_boxes.tensor)
+        return torch.cat([model.mbrm(soft[i: i + 1], boxes[i: i + 1]) for i in range(len(boxes))])
+
+    inputs = dataset_batch(tiny_cfg(config_path(CONDINST), CONDINST_OPTS), is_train=False)
+    _assert_mbrm_refines_boxes(plain, model, inputs, per_detection_mbrm)
 
 
 def test_solo_with_mbrm_end_to_end():
@@ -141,18 +151,15 @@ def test_solo_with_mbrm_end_to_end():
             parameter.copy_(parameter * 30 if name.endswith("weight") else torch.zeros_like(parameter))
     cfg = tiny_cfg(config_path(SOLO), SOLO_OPTS + ["MODEL.MBRM.ENABLED", "True"])
     model = _with_weights_of(plain, build_tiny_model(cfg))
-    inputs = dataset_batch(tiny_cfg(config_path(SOLO), SOLO_OPTS), is_train=False)
-    with torch.no_grad():
-        raw = plain.eval().inference(inputs, do_postprocess=False)
-    moved = 0
-    for inp, res, exp, out in zip(inputs, raw, _outputs(plain, inputs), _outputs(model, inputs)):
-        _assert_same_but_boxes(out, exp)
-        _, soft = _resized(res, inp["height"], inp["width"])
+
+    def mbrm_of_mask_boxes(raw, inputs, plain_output):
+        _, soft = _resized(raw, inputs["height"], inputs["width"])
         soft = soft[(soft > 0.4).flatten(1).any(dim=1)]  # SOLO drops the empty masks
-        assert len(out) > 0 and torch.equal(exp.pred_boxes.tensor, mask_bounding_boxes(soft > 0.4).tensor)
-        assert torch.equal(out.pred_boxes.tensor, model.mbrm(soft, exp.pred_boxes.tensor))
-        moved += int((out.pred_boxes.tensor != exp.pred_boxes.tensor).sum())
-    assert moved > 0
+        assert torch.equal(plain_output.pred_boxes.tensor, mask_bounding_boxes(soft > 0.4).tensor)
+        return model.mbrm(soft, plain_output.pred_boxes.tensor)
+
+    inputs = dataset_batch(tiny_cfg(config_path(SOLO), SOLO_OPTS), is_train=False)
+    _assert_mbrm_refines_boxes(plain, model, inputs, mbrm_of_mask_boxes)
 
 
 def test_condinst_with_mbrm_without_detections_trains_and_does_not_export():

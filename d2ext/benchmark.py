@@ -59,16 +59,8 @@ def _sync(device):
 
 
 def median_seconds(fn, device, warmup, iters):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``fn`` over ``iters`` timed calls after ``warmup`` untimed ones."""
+    return statistics.median(interleaved_seconds([fn], device, warmup, iters)[0])
 
 
 def _proc_status_mb(field):

@@ -11,7 +11,7 @@ setup(
     # like Detectron2, we do not let pip pick a torch build. Pins live in constraints.txt.
     install_requires=["numpy", "opencv-python-headless", "pycocotools", "imgviz", "tifffile"],
     extras_require={"dev": [
-        "pytest", "psutil",
+        "pytest>=7.3", "psutil",
         # ONNX export tests (tests/robustness/test_export.py): torch 2.14's TorchScript-based exporter
         # (dynamo=False) writes the graph with `onnx`, and onnxruntime runs it. Tested with onnx 1.23.2 and
         # onnxruntime 1.31.1.

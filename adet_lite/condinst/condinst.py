@@ -54,7 +54,7 @@ class CondInst(PixelNormalizationMixin, nn.Module):
             input_format: channel order of the input images ("BGR" or "RGB"; BoxInst's colours).
             mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the boxes from the soft masks at inference
                 (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``).
-            mbrm_chunk_size: with ``mbrm``, detections whose full-size soft masks exist at once.
+            mbrm_chunk_size: detections whose full-size soft masks exist at once in post-processing.
         """
         super().__init__()
         if input_format not in ("BGR", "RGB"):

@@ -1,5 +1,6 @@
 """SOLO / Decoupled SOLO / Decoupled SOLO Light (``META_ARCHITECTURE: "SOLO"``, keys MODEL.SOLO) and
 SOLOv2 (``"SOLOv2"``, AdelaiDet's keys MODEL.SOLOV2)."""
+import functools
 from typing import Dict, List
 
 import torch
@@ -124,6 +125,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         self.sigma = sigma
         self.num_classes = num_classes
         self.mask_target_strides = mask_target_strides
+        self.mask_stride = int(mask_target_strides[0])  # of the finest masks, those inference returns
         self.deduplicate_cells = deduplicate_cells
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -230,12 +232,17 @@ class SOLO(PixelNormalizationMixin, nn.Module):
 
     @torch.no_grad()
     def predict_instances(self, category_logits, mask_outputs, images):
-        """Per image: ``Instances`` at the input size (before padding) with soft ``pred_masks`` (N, h, w),
-        ``scores``, ``pred_classes`` and ``pred_boxes`` of the binary masks."""
+        """Per image: ``Instances`` of the input size (before padding) with ``scores``, ``pred_classes``,
+        soft ``pred_masks`` (N, H/4, W/4) at stride 4 of the padded H x W input (:meth:`postprocess`
+        upsamples them, a few at a time: 100 masks at 800 x 1333 are 430 MB as float) and ``pred_boxes``
+        of the binary masks, at the input size."""
         category_scores = [point_nms(x.sigmoid()) for x in category_logits]
         # Every level's masks are compared at the finest level's mask resolution (stride 4).
         size = self.mask_branch.mask_sizes(mask_outputs)[0]
-        padded_h, padded_w = images.tensor.shape[-2:]
+        padded_size = tuple(images.tensor.shape[-2:])
+        if not torch.jit.is_tracing() and tuple(s * self.mask_stride for s in size) != padded_size:
+            raise ValueError(f"{type(self).__name__}: masks of {tuple(size)} at stride {self.mask_stride} do not "
+                             f"cover the padded input {padded_size}: check MODEL.FPN / the INSTANCE_STRIDES keys")
         results = []
         for image, (height, width) in enumerate(images.image_sizes):
 
@@ -249,28 +256,36 @@ class SOLO(PixelNormalizationMixin, nn.Module):
 
             masks, scores, classes = select_instances(
                 [s[image] for s in category_scores], self.instance_strides, cell_mask_probs, self.inference_params)
-            # Only the kept instances are upsampled: to the padded input, then cropped to the image.
-            masks = F.interpolate(masks[:, None], size=(padded_h, padded_w), mode="bilinear",
-                                  align_corners=False)[:, 0, :height, :width]
             result = Instances((height, width))
             result.pred_masks = masks
             result.scores = scores
             result.pred_classes = classes
-            result.pred_boxes = mask_bounding_boxes(masks > self.inference_params.mask_threshold)
+            boxes = mask_bounding_boxes(masks > self.inference_params.mask_threshold)
+            boxes.scale(self.mask_stride, self.mask_stride)
+            boxes.clip((height, width))
+            result.pred_boxes = boxes
             results.append(result)
         return results
+
+    def input_size_masks(self, masks, image_size):
+        """Stride-4 soft masks over the padded input (:meth:`predict_instances`) -> (N, h, w) over the
+        input image of ``image_size``: upsampled to the padded input, then cropped (as the reference)."""
+        padded_size = (masks.shape[-2] * self.mask_stride, masks.shape[-1] * self.mask_stride)
+        upsampled = F.interpolate(masks[:, None], size=padded_size, mode="bilinear", align_corners=False)
+        return upsampled[:, 0, : image_size[0], : image_size[1]]
 
     def postprocess(self, result, height, width):
         """To the original image size; boxes re-derived from the final masks (with MBRM, those boxes
         refined from the soft masks); empty masks dropped."""
         threshold = self.inference_params.mask_threshold
+        to_input_size = functools.partial(self.input_size_masks, image_size=result.image_size)
         if self.mbrm is None:
-            result = postprocess_full_image_masks(result, height, width, threshold)
+            result = postprocess_full_image_masks(result, height, width, threshold, input_size_masks=to_input_size)
             result.pred_boxes = mask_bounding_boxes(result.pred_masks)
         else:
             result = postprocess_full_image_masks(result, height, width, threshold,
                                                   refine_boxes=self._refined_mask_boxes,
-                                                  chunk_size=self.mbrm_chunk_size)
+                                                  chunk_size=self.mbrm_chunk_size, input_size_masks=to_input_size)
         return result[result.pred_masks.flatten(1).any(dim=1)]
 
     def _refined_mask_boxes(self, soft_masks, boxes):

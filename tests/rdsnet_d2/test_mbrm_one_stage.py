@@ -153,6 +153,10 @@ def test_solo_with_mbrm_end_to_end():
     model = _with_weights_of(plain, build_tiny_model(cfg))
 
     def mbrm_of_mask_boxes(raw, inputs, plain_output):
+        # SOLO's raw masks are at stride 4 of the padded input: the reference upsamples them to it and crops.
+        height, width = raw.image_size
+        padded = F.interpolate(raw.pred_masks[:, None], scale_factor=4, mode="bilinear", align_corners=False)
+        raw = Instances(raw.image_size, pred_boxes=raw.pred_boxes, pred_masks=padded[:, 0, :height, :width])
         _, soft = _resized(raw, inputs["height"], inputs["width"])
         soft = soft[(soft > 0.4).flatten(1).any(dim=1)]  # SOLO drops the empty masks
         assert torch.equal(plain_output.pred_boxes.tensor, mask_bounding_boxes(soft > 0.4).tensor)

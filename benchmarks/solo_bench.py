@@ -21,13 +21,14 @@ would drop every mask). So, per model, SCORE_THR is set to the value that lets e
 cells of the benchmark image through (the same as passing ``MODEL.SOLO.SCORE_THR <that value>``; the
 script prints it), MASK_THR and UPDATE_THR are 0 (every candidate mask is non-empty and survives: all
 post-processing runs on dense tensors, so its cost does not depend on the masks' content): masks are
-formed for --candidates cells, Matrix NMS runs on them (500 is NMS_PRE) and 100 detections are returned.
+formed for --candidates cells, Matrix NMS runs on them (500 is NMS_PRE) and 100 detections are returned
+(their masks are formed once more, so "masks formed" counts --candidates + 100).
 Mask R-CNN runs with a zero score threshold (up to 100 detections), as in the other benchmarks.
 
 Memory columns: "inference MB" is the peak of the full inference passes above the memory in use before
 them (the loaded model, the input and, on CPU, the Python / PyTorch runtime that the whole-process peak
 also counts); "forward only" is the same for the first pass of the process without post-processing
-(backbone + branches: where the variants differ); on CPU, RSS is only approximate for such differences
+(backbone + branches: where the variants differ; the first pass also counts one-time allocations); on CPU, RSS is only approximate for such differences
 (the allocator keeps some freed memory). decoupled_solo_light_R50_3x runs at --size too, not at its
 config's 512 x 852 test size. The package's ``mask_nms`` computes the IoU matrix in one product as
 ``matrix_nms`` does; the NMS table shows that shared part on its own.

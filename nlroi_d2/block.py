@@ -4,6 +4,7 @@ from typing import List, Sequence, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import fvcore.nn.weight_init as weight_init
 from detectron2.layers import Conv2d
@@ -90,16 +91,34 @@ class NLRoIBlock(nn.Module):
         Returns:
             (N, D + Dg, H, W): ``x`` followed by the tiled non-local feature of each RoI.
         """
+        nonlocal_feature = self.nonlocal_features(x, num_per_image)
+        height, width = x.shape[-2:]
+        return torch.cat([x, nonlocal_feature[:, :, None, None].expand(-1, -1, height, width)], dim=1)
+
+    def nonlocal_features(self, x: torch.Tensor, num_per_image: Union[List[int], torch.Tensor]) -> torch.Tensor:
+        """The non-local feature y_i of every RoI, before tiling: what :meth:`forward` appends at every
+        position. The NL-RoI heads take it as is (``input_extension``): tiled, it would be D + Dg channels
+        of which Dg are constant over H x W.
+
+        Args: as :meth:`forward`.
+        Returns:
+            (N, Dg).
+        """
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"NLRoIBlock expects (N, {self.in_channels}, H, W) RoI features, got {tuple(x.shape)}."
             )
-        num_rois, _, height, width = x.shape
+        num_rois = x.shape[0]
         counts = _counts_tensor(num_per_image, num_rois, x.device)
 
-        query = self.phi(x).flatten(1).float()  # (N, Df*H*W)
-        key = self.psi(x).flatten(1).float()  # (N, Df*H*W)
-        value = self.g(x).mean(dim=(2, 3)).float()  # (N, Dg): pooled before attending (both are linear)
+        # phi, psi and g's first conv all read x: one 1x1 conv with their stacked weights reads it once.
+        stacked_weight = torch.cat([self.phi.weight, self.psi.weight, self.g[0].weight])
+        stacked_bias = torch.cat([self.phi.bias, self.psi.bias, self.g[0].bias])
+        query, key, g_input = F.conv2d(x, stacked_weight, stacked_bias).split(
+            [self.embed_channels, self.embed_channels, self.g_channels], dim=1)
+        query = query.flatten(1).float()  # (N, Df*H*W)
+        key = key.flatten(1).float()  # (N, Df*H*W)
+        value = self.g[1:](g_input).mean(dim=(2, 3)).float()  # (N, Dg): pooled before attending (both are linear)
 
         num_images = counts.numel()
         max_count = counts.max()  # a tensor, not an int: the size stays dynamic in traced graphs
@@ -123,6 +142,4 @@ class NLRoIBlock(nn.Module):
             affinity = affinity.masked_fill(is_padding[:, None, :], torch.finfo(affinity.dtype).min)
             attention = torch.softmax(affinity, dim=2)
             nonlocal_feature = torch.bmm(attention, padded(value))  # (B, max_count, Dg)
-        nonlocal_feature = nonlocal_feature[image_index, slot].to(x.dtype)  # (N, Dg)
-        tiled = nonlocal_feature[:, :, None, None].expand(-1, -1, height, width)
-        return torch.cat([x, tiled], dim=1)
+        return nonlocal_feature[image_index, slot].to(x.dtype)

@@ -47,4 +47,4 @@ class NLRoIConvFCHead(NLRoIHeadMixin, FastRCNNConvFCHead):
                 "NLRoIConvFCHead needs the RoI count of each image: use MODEL.ROI_HEADS.NAME "
                 "'NLRoIROIHeads' or 'NLRoICascadeROIHeads', which pass them."
             )
-        return super().forward(self.nl_roi(x, num_per_image))
+        return self.layers_with_context(x, num_per_image)  # FastRCNNConvFCHead.forward runs its layers only

@@ -3,7 +3,7 @@ in front of it."""
 from detectron2.layers import ShapeSpec
 
 from .block import NLRoIBlock
-from .input_extension import extend_input
+from .input_extension import ExtendedInputConv2d, ExtendedInputLinear, extend_input
 
 
 def nl_roi_args_from_config(cfg):
@@ -21,7 +21,8 @@ class NLRoIHeadMixin:
     The stock layers keep their names and shapes (``conv1``, ``fc1``, ``mask_fcn1``, ``conv_fcn1``,
     ...), so model-zoo checkpoints load; the block is the child ``nl_roi`` and the first stock layer
     gains a zero-initialised ``nonlocal_weight`` for the Dg appended channels. Iterating the head
-    yields the stock layers only, so the stock ``forward`` / ``layers`` run unchanged after the block.
+    yields the stock layers only; :meth:`layers_with_context` runs them as the stock heads do, giving
+    the first one the block's non-local features next to the RoI features (``input_extension``).
     """
 
     def _add_nl_roi_block(self, input_shape: ShapeSpec, *, embed_channels: int, g_channels: int,
@@ -46,6 +47,18 @@ class NLRoIHeadMixin:
         block = self._modules.get("nl_roi")
         return (module for module in self._modules.values() if module is not block)
 
+    def layers_with_context(self, x, num_per_image):
+        """The block, then the stock layers in order (as the stock heads' ``forward`` / ``layers``).
+
+        Args:
+            x: (N, D, H, W) pooled features of all RoIs of the batch, in image order.
+            num_per_image: RoI count of each image (sums to N).
+        """
+        context = self.nl_roi.nonlocal_features(x, num_per_image)
+        for layer in self:
+            x = layer(x, context) if isinstance(layer, (ExtendedInputConv2d, ExtendedInputLinear)) else layer(x)
+        return x
+
 
 class NLRoIPerInstanceHeadMixin(NLRoIHeadMixin):
     """For the heads called as ``head(x, instances)`` (mask, keypoint): the per-image RoI counts are
@@ -57,4 +70,8 @@ class NLRoIPerInstanceHeadMixin(NLRoIHeadMixin):
 
     def forward(self, x, instances):
         """x: (N, D, H, W) pooled features of the RoIs of ``instances`` (concatenated in image order)."""
-        return super().forward(self.nl_roi(x, [len(i) for i in instances]), instances)
+        # The stock forward calls ``self.layers(x)`` first: it gets the counts along with x.
+        return super().forward((x, [len(i) for i in instances]), instances)
+
+    def layers(self, features_and_counts):
+        return self.layers_with_context(*features_and_counts)

@@ -1,9 +1,11 @@
 #!/usr/bin/env python
-"""NL-RoI overhead against the plain GN Mask R-CNN, measured in the same run; prints three tables with
+"""NL-RoI overhead against the plain GN Mask R-CNN, measured in the same run; prints four tables with
 ratios, the command and the machine.
 
 1. Whole model: NL-RoI Mask R-CNN R-50-FPN-GN vs the plain GN model (``configs/NL-RoI/*_1x.yaml``),
-   inference and one training step, at ``--size`` with ``--proposals`` RPN proposals per image.
+   inference and one training step, at ``--size`` with ``--proposals`` RPN proposals per image; then
+   (inference) the two models' ROI heads alone on the same features and proposals, and their extra
+   time as a share of the plain model's inference.
 2. The NL-RoI block alone (D = 256, Df = 64, Dg = 32, 7 x 7 RoIs of one image) vs the plain GN box head
    (4 conv + 1 fc) on the same N RoIs, for N in ``--rois``.
 3. Soft-NMS (linear) + box voting vs Detectron2's per-class hard NMS on ``--proposals`` boxes x 80
@@ -27,6 +29,7 @@ import nlroi_d2
 from d2ext import benchmark
 from d2ext.engine import setup_cfg
 from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model
 from detectron2.modeling.roi_heads import build_box_head
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
@@ -67,6 +70,26 @@ def whole_model_rows(args):
         ratios = [n / p for p, n in zip(plain, nl)]
         rows.append((mode, statistics.median(plain), statistics.median(nl), statistics.median(ratios)))
     return rows
+
+
+def heads_rows(args):
+    """[("inference", plain seconds, NL-RoI seconds, median of the per-round ratios)] of the two models'
+    ROI heads alone, alternately, on the same backbone features and proposals (the plain model's): the
+    only modules in which the two models differ, without the noise of timing the identical rest."""
+    steps = []
+    for config_file in (PLAIN, NLROI):
+        torch.manual_seed(0)
+        steps.append(build_model(model_cfg(config_file, args)).to(args.device).eval())
+    plain_model = steps[0]
+    batch = benchmark.synthetic_batch(model_cfg(PLAIN, args), 1, args.size[0], args.size[1])
+    with torch.no_grad():
+        images = plain_model.preprocess_image(batch)
+        features = plain_model.backbone(images.tensor)
+        proposals, _ = plain_model.proposal_generator(images, features, None)
+        steps = [lambda model=model: model.roi_heads(images, features, proposals) for model in steps]
+        plain, nl = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
+    ratios = [n / p for p, n in zip(plain, nl)]
+    return [("inference", statistics.median(plain), statistics.median(nl), statistics.median(ratios))]
 
 
 def block_rows(args):
@@ -139,6 +162,7 @@ def main():
         torch.set_num_threads(args.threads)
 
     models = whole_model_rows(args)
+    heads = heads_rows(args) if "inference" in args.modes else []
     blocks = block_rows(args)
     nl_inference = next((nl for mode, _, nl, _ in models if mode == "inference"), None)
     post, share = postprocess_rows(args, nl_inference)
@@ -149,6 +173,13 @@ def main():
           f"median of {args.iters} after {args.warmup} warm-up\n")
     print("Whole model (baseline: mask_rcnn_R_50_FPN_GN_plain_1x.yaml; the two models run alternately)")
     print(ratio_table("mode", models))
+    if heads:
+        print("\nROI heads alone, on the same features and proposals (baseline: the plain model's heads; alternately)")
+        print(ratio_table("mode", heads))
+        plain_inference = next(plain for mode, plain, _, _ in models if mode == "inference")
+        _, plain_heads, nl_heads, _ = heads[0]
+        print(f"NL-RoI heads' extra time as a share of the plain model's inference: "
+              f"{100 * (nl_heads - plain_heads) / plain_inference:.1f} %")
     print("\nNL-RoI block alone (baseline: the plain GN box head on the same RoIs)")
     print(ratio_table("RoIs of one image", blocks))
     print("\nPost-processing (baseline: Detectron2's hard NMS)")

@@ -76,17 +76,17 @@ def heads_rows(args):
     """[("inference", plain seconds, NL-RoI seconds, median of the per-round ratios)] of the two models'
     ROI heads alone, alternately, on the same backbone features and proposals (the plain model's): the
     only modules in which the two models differ, without the noise of timing the identical rest."""
-    steps = []
+    models = []
     for config_file in (PLAIN, NLROI):
         torch.manual_seed(0)
-        steps.append(build_model(model_cfg(config_file, args)).to(args.device).eval())
-    plain_model = steps[0]
+        models.append(build_model(model_cfg(config_file, args)).to(args.device).eval())
+    plain_model = models[0]
     batch = benchmark.synthetic_batch(model_cfg(PLAIN, args), 1, args.size[0], args.size[1])
     with torch.no_grad():
         images = plain_model.preprocess_image(batch)
         features = plain_model.backbone(images.tensor)
         proposals, _ = plain_model.proposal_generator(images, features, None)
-        steps = [lambda model=model: model.roi_heads(images, features, proposals) for model in steps]
+        steps = [lambda model=model: model.roi_heads(images, features, proposals) for model in models]
         plain, nl = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
     ratios = [n / p for p, n in zip(plain, nl)]
     return [("inference", statistics.median(plain), statistics.median(nl), statistics.median(ratios))]

@@ -54,22 +54,29 @@ def _config_file(config):
     return os.path.join(REPO, "configs", config)
 
 
-def measure_model(name, args):
-    """In a fresh process: (median seconds per image, [peak MB after each of the --images images])."""
+def _model_and_images(name, args, num_images):
+    """One of ``MODELS`` (random weights, seed 0, eval mode) and ``num_images`` inference inputs for it."""
     import d2ext  # noqa: F401  (datasets; registers every meta-architecture through get_cfg)
     from d2ext import benchmark
     from d2ext.engine import setup_cfg
     from detectron2.modeling import build_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config, opts = MODELS[name]
     cfg = setup_cfg(_config_file(config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device,
                                            *ALL_DETECTIONS, *opts])
     images = [{k: v for k, v in d.items() if k != "instances"}
-              for d in benchmark.synthetic_batch(cfg, args.images, args.size[0], args.size[1])]
+              for d in benchmark.synthetic_batch(cfg, num_images, args.size[0], args.size[1])]
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    return build_model(cfg).eval(), images
+
+
+def measure_model(name, args):
+    """In a fresh process: (median seconds per image, [peak MB after each of the --images images])."""
+    from d2ext import benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, images = _model_and_images(name, args, args.images)
     with torch.no_grad():
         seconds = benchmark.median_seconds(lambda: model(images[:1]), args.device, args.warmup, args.iters)
         if args.device.startswith("cuda"):
@@ -84,22 +91,13 @@ def measure_model(name, args):
 def measure_pair_alternately(plain, refined, args):
     """In a fresh process: the per-round ratios (refined / plain seconds) of the two models of an MBRM pair
     run alternately on one image (``interleaved_seconds``), so that the machine's drift falls on both."""
-    import d2ext  # noqa: F401
     from d2ext import benchmark
-    from d2ext.engine import setup_cfg
-    from detectron2.modeling import build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = []
     for name in (plain, refined):
-        config, opts = MODELS[name]
-        cfg = setup_cfg(_config_file(config), ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device,
-                                               *ALL_DETECTIONS, *opts])
-        image = [{k: v for k, v in d.items() if k != "instances"}
-                 for d in benchmark.synthetic_batch(cfg, 1, args.size[0], args.size[1])]
-        torch.manual_seed(0)
-        model = build_model(cfg).eval()
+        model, image = _model_and_images(name, args, 1)
         steps.append(lambda model=model, image=image: model(image))
     with torch.no_grad():
         plain_seconds, refined_seconds = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)

@@ -238,7 +238,7 @@ def test_bad_config_values_are_clear_errors():
     with pytest.raises(ValueError, match="PAIRWISE.SIZE"):
         build_tiny_model(tiny_cfg(CONDINST_YAML, ["MODEL.BOXINST.ENABLED", True, "MODEL.BOXINST.PAIRWISE.SIZE", 2]))
     with pytest.raises(ValueError, match="MASK_BRANCH.IN_FEATURES"):
-        build_tiny_model(tiny_cfg(CONDINST_YAML, ["MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", ["p2", "p3"]]))
+        build_tiny_model(tiny_cfg(CONDINST_YAML, ["MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", ["p1", "p2"]]))
     with pytest.raises(ValueError, match="NUM_LAYERS"):
         build_tiny_model(tiny_cfg(CONDINST_YAML, ["MODEL.CONDINST.MASK_HEAD.NUM_LAYERS", 0]))
 

@@ -28,6 +28,7 @@ import d2ext.data  # noqa: E402,F401  (registers the built-in datasets)
 from d2ext.benchmark import command_line  # noqa: E402
 from d2ext.layers import aligned_bilinear  # noqa: E402
 from detectron2.data import DatasetCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
 from detectron2.layers.mask_ops import paste_masks_in_image  # noqa: E402
 from detectron2.structures import Boxes, PolygonMasks, polygons_to_bitmask  # noqa: E402
 
@@ -35,10 +36,10 @@ from detectron2.structures import Boxes, PolygonMasks, polygons_to_bitmask  # no
 def input_size_polygons(record, short_side, max_size):
     """The record's polygons and image size after Detectron2's ResizeShortestEdge to (short_side, max_size)."""
     height, width = record["height"], record["width"]
-    scale = min(short_side / min(height, width), max_size / max(height, width))
-    new_height, new_width = int(height * scale + 0.5), int(width * scale + 0.5)
-    factors = np.array([new_width / width, new_height / height])
-    polygons = [[(np.asarray(p, dtype=np.float64).reshape(-1, 2) * factors).ravel() for p in a["segmentation"]]
+    new_height, new_width = T.ResizeShortestEdge.get_output_shape(height, width, short_side, max_size)
+    resize = T.ResizeTransform(height, width, new_height, new_width)
+    polygons = [[p.ravel() for p in resize.apply_polygons([np.asarray(p, dtype=np.float64).reshape(-1, 2)
+                                                             for p in a["segmentation"]])]
                 for a in record["annotations"]]
     return polygons, new_height, new_width
 

@@ -134,7 +134,7 @@ def main():
     print(format_table(rows, BASELINE))
     print()
     # The middle image separates a one-off rise (allocator high-water mark) from growth per image.
-    middle = len(next(iter(results.values()))[1]) // 2
+    middle = args.images // 2
     print(f"| model | peak MB after image 1 | after image {middle + 1} | after image N | growth MB, 1 -> N | "
           f"growth MB, {middle + 1} -> N |")
     print("| --- | --- | --- | --- | --- | --- |")

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from detectron2 import model_zoo  # noqa: E402
 
 from d2ext.benchmark import BASELINE_CONFIG  # noqa: E402
-from speed import BASELINE, add_measurement_arguments, measure_and_report  # noqa: E402
+from speed import BASELINE, BASELINE_OPTS, add_measurement_arguments, measure_and_report  # noqa: E402
 
 BLENDMASK = "configs/BlendMask/R_50_1x.yaml"
 TARGET_RATIO = 0.85
@@ -33,7 +33,7 @@ def main():
     add_measurement_arguments(parser, default_modes=["inference"])
     args = parser.parse_args()
 
-    models = [(BASELINE, model_zoo.get_config_file(BASELINE_CONFIG), ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]),
+    models = [(BASELINE, model_zoo.get_config_file(BASELINE_CONFIG), BASELINE_OPTS),
               (args.config_file, os.path.join(REPO, args.config_file), ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])]
     rows = measure_and_report(models, args, BASELINE)
     times = {(r["name"], r["mode"]): r["seconds"] for r in rows}

@@ -113,7 +113,7 @@ def peak_memory_mb(device):
 
 def model_step(cfg, mode, batch):
     """A freshly built model (seed 0) of ``cfg`` and a function running one inference of ``batch`` (without
-    its annotations) or one SGD training step on it."""
+    its annotations; it returns the model's outputs) or one SGD training step on it (it returns None)."""
     torch.manual_seed(0)
     model = build_model(cfg)
     if mode == "inference":
@@ -122,7 +122,7 @@ def model_step(cfg, mode, batch):
 
         def step():
             with torch.no_grad():
-                model(inputs)
+                return model(inputs)
     elif mode == "train":
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -139,13 +139,24 @@ def model_step(cfg, mode, batch):
 
 
 def measure(cfg, mode, batch, warmup, iters):
-    """Median seconds and peak memory of one inference (batch of images) or one training step."""
+    """Median seconds and peak memory of one inference (batch of images) or one training step.
+
+    Returns:
+        dict of seconds, memory_mb and detections: the instances per image of the last inference (how much
+        post-processing and mask prediction the time includes; random models can give few), None in training.
+    """
     device = cfg.MODEL.DEVICE
     step = model_step(cfg, mode, batch)
+    last_outputs = []
+
+    def step_keeping_outputs():
+        last_outputs[:] = [step()]
+
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = median_seconds(step, device, warmup, iters)
-    return seconds, peak_memory_mb(device)
+    seconds = median_seconds(step_keeping_outputs, device, warmup, iters)
+    detections = [len(out["instances"]) for out in last_outputs[0]] if mode == "inference" else None
+    return {"seconds": seconds, "memory_mb": peak_memory_mb(device), "detections": detections}
 
 
 def interleaved_seconds(steps, device, warmup, iters):
@@ -171,16 +182,21 @@ def interleaved_seconds(steps, device, warmup, iters):
 
 
 def format_table(rows, baseline_name):
-    """rows: dicts with name, mode, seconds, memory_mb; ratios against the baseline row of each mode."""
+    """rows: dicts with name, mode, seconds, memory_mb and optionally detections (a list per image: a column
+    then shows them); ratios against the baseline row of each mode."""
     base = {r["mode"]: r for r in rows if r["name"] == baseline_name}
-    lines = ["| model | mode | median s | x baseline | peak MB | x baseline |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    with_detections = any(r.get("detections") is not None for r in rows)
+    header = "| model | mode | median s | x baseline | peak MB | x baseline |" + (" detections |" if with_detections else "")
+    lines = [header, "|" + " --- |" * header.count(" |")]
     for r in rows:
         b = base.get(r["mode"])
         time_ratio = f"{r['seconds'] / b['seconds']:.2f}" if b else "-"
         mem_ratio = f"{r['memory_mb'] / b['memory_mb']:.2f}" if b else "-"
-        lines.append(f"| {r['name']} | {r['mode']} | {r['seconds']:.3f} | {time_ratio} | "
-                     f"{r['memory_mb']:.0f} | {mem_ratio} |")
+        line = f"| {r['name']} | {r['mode']} | {r['seconds']:.3f} | {time_ratio} | {r['memory_mb']:.0f} | {mem_ratio} |"
+        if with_detections:
+            detections = r.get("detections")
+            line += f" {' + '.join(map(str, detections)) if detections is not None else '-'} |"
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -1,3 +1,4 @@
+import functools
 from typing import Dict, List
 
 import torch
@@ -135,14 +136,15 @@ class CondInst(PixelNormalizationMixin, nn.Module):
 
     def inference(self, batched_inputs: List[Dict], do_postprocess=True):
         """As ``GeneralizedRCNN.inference``: per image ``{"instances": Instances}`` at the original size,
-        or without ``do_postprocess`` the ``Instances`` at the input size with soft full-image
-        ``pred_masks`` (N, h, w) (what export traces; see :meth:`postprocess`)."""
+        or without ``do_postprocess`` the ``Instances`` at the input size with soft ``pred_masks``
+        (N, H / s, W / s) over the padded input at the mask output stride s (what export traces; see
+        :meth:`postprocess`)."""
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         mask_feats, _ = self.mask_branch(features)
         predictions = self.proposal_generator.predict(features, self.controller)
         detections = self.proposal_generator.inference(predictions, images.image_sizes)
-        results = self.predict_masks(mask_feats, detections, images.image_sizes)
+        results = self.predict_masks(mask_feats, detections)
         if not do_postprocess:
             return results
         return postprocess_per_image(results, batched_inputs, images.image_sizes, self.postprocess)
@@ -151,7 +153,17 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         """Input-size ``Instances`` -> boolean masks and boxes at the original ``height`` x ``width``; with
         MBRM, the boxes refined from the soft masks at that size."""
         return postprocess_full_image_masks(results, height, width, self.mask_threshold,
-                                            refine_boxes=self.mbrm, chunk_size=self.mbrm_chunk_size)
+                                            refine_boxes=self.mbrm, chunk_size=self.mbrm_chunk_size,
+                                            input_size_masks=functools.partial(self.input_size_masks,
+                                                                               image_size=results.image_size))
+
+    def input_size_masks(self, masks, image_size):
+        """(N, H / s, W / s) soft masks over the padded input at the mask output stride s -> (N, h, w) over
+        the input image of ``image_size``: upsampled to the padded input as AdelaiDet does, then cropped.
+        Post-processing calls it on a few detections at a time, so that the full-size masks of all
+        detections are never in memory together."""
+        upsampled = aligned_bilinear(masks[:, None], self.mask_head.mask_out_stride)
+        return upsampled[:, 0, : image_size[0], : image_size[1]]
 
     def color_similarities(self, batched_inputs, padded_height, padded_width):
         """BoxInst: (B, K, H/s, W/s) colour similarity (L*a*b*) of every stride-s pixel of each padded
@@ -187,9 +199,10 @@ class CondInst(PixelNormalizationMixin, nn.Module):
                               kernel_size=self.boxinst["kernel_size"], dilation=self.boxinst["dilation"],
                               color_thresh=self.boxinst["color_thresh"], warmup_factor=warmup_factor)
 
-    def predict_masks(self, mask_feats, detections: List[Instances], image_sizes):
+    def predict_masks(self, mask_feats, detections: List[Instances]):
         """Run the dynamic head on the detections of all images at once; per image, the detections get
-        soft ``pred_masks`` (N, h, w) over the input image (before padding)."""
+        soft ``pred_masks`` (N, H / s, W / s) over the padded input at the mask output stride s
+        (:meth:`input_size_masks` brings them to the input image)."""
         batch_detections = Instances((0, 0))  # the detections of all images (their sizes differ)
         batch_detections.im_inds = torch.cat([
             torch.full((len(det),), i, dtype=torch.int64, device=self.device) for i, det in enumerate(detections)])
@@ -197,8 +210,7 @@ class CondInst(PixelNormalizationMixin, nn.Module):
             batch_detections.set(field, torch.cat([det.get(field) for det in detections]))
         batch_detections.mask_head_params = torch.cat([det.top_feat for det in detections])
         mask_probs = self.mask_head(mask_feats, self.mask_branch.out_stride, batch_detections).sigmoid()
-        for det, probs, (height, width) in zip(detections, mask_probs.split([len(d) for d in detections]), image_sizes):
-            # Back to the padded input resolution, then crop the image (before padding).
+        for det, probs in zip(detections, mask_probs.split([len(d) for d in detections])):
             det.remove("top_feat")
-            det.pred_masks = aligned_bilinear(probs, self.mask_head.mask_out_stride)[:, 0, :height, :width]
+            det.pred_masks = probs[:, 0]
         return detections

@@ -9,7 +9,7 @@ from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
 from d2ext.config_checks import check_in_features
 
-from .head import FCOSHead
+from .head import FCOSHead, is_top_feats_conv, top_feats_at_locations
 from .inference import fcos_inference_single_image
 from .losses import BOX_QUALITIES, LOC_LOSS_TYPES, fcos_losses, sum_over_workers
 from .targets import compute_locations, fcos_targets_single_image, level_size_ranges
@@ -126,12 +126,15 @@ class FCOS(nn.Module):
 
         Returns:
             dict with ``logits`` (N, R, C), ``box_reg`` (N, R, 4) in stride units, ``quality`` (N, R),
-            ``top_feats`` (N, R, K) or None (``top_module`` on the box towers), ``box_towers`` (list of
+            ``top_feats`` (N, R, K) or None (``top_module`` on the box towers; at inference a 3x3 conv
+            ``top_module`` is not run here but kept as ``top_module`` for :meth:`inference`, which runs it
+            at the detections' locations only), ``box_towers`` (list of
             per-level (N, D, Hl, Wl)), ``locations`` (R, 2), ``fpn_levels`` (R,), ``location_strides`` (R,),
             ``num_locations`` (per level); R = locations of all levels.
         """
         level_features = [features[f] for f in self.in_features]
         logits, box_reg, quality, box_towers = self.fcos_head(level_features)
+        sparse_top = top_module is not None and not self.training and is_top_feats_conv(top_module)
         locations, fpn_levels, location_strides = [], [], []
         for level, (feature, stride) in enumerate(zip(level_features, self.strides)):
             points = compute_locations(feature.shape[-2], feature.shape[-1], stride, feature.device)
@@ -142,7 +145,9 @@ class FCOS(nn.Module):
             "logits": _flatten_levels(logits),
             "box_reg": _flatten_levels(box_reg),
             "quality": _flatten_levels(quality).squeeze(2),
-            "top_feats": _flatten_levels([top_module(t) for t in box_towers]) if top_module is not None else None,
+            "top_feats": (_flatten_levels([top_module(t) for t in box_towers])
+                          if top_module is not None and not sparse_top else None),
+            "top_module": top_module if sparse_top else None,
             "box_towers": box_towers,
             "locations": cat(locations),
             "fpn_levels": cat(fpn_levels),
@@ -229,13 +234,17 @@ class FCOS(nn.Module):
         splits = predictions["num_locations"]
         locations = predictions["locations"].split(splits)
         results = []
+        top_feats, top_module = predictions["top_feats"], predictions.get("top_module")
         for i, image_size in enumerate(image_sizes):
-            top_feats = predictions["top_feats"]
-            results.append(fcos_inference_single_image(
+            result = fcos_inference_single_image(
                 predictions["logits"][i].split(splits), predictions["box_reg"][i].split(splits),
                 predictions["quality"][i].split(splits), locations, self.strides, image_size,
                 top_feats[i].split(splits) if top_feats is not None else None,
                 score_thresh=self.score_thresh[self.training],
                 topk_candidates=self.topk_candidates[self.training], nms_thresh=self.nms_thresh,
-                max_detections=self.max_detections[self.training], thresh_with_ctr=self.thresh_with_ctr))
+                max_detections=self.max_detections[self.training], thresh_with_ctr=self.thresh_with_ctr)
+            if top_module is not None:
+                result.top_feat = top_feats_at_locations(top_module, [t[i] for t in predictions["box_towers"]],
+                                                         result.fpn_levels, result.locations, self.strides)
+            results.append(result)
         return results

@@ -38,6 +38,41 @@ def top_feats_conv(backbone_shape: Dict[str, ShapeSpec], out_channels):
     return conv
 
 
+def is_top_feats_conv(module):
+    """Whether ``module`` is a 3x3, stride-1, zero-padded conv as :func:`top_feats_conv` builds (so that
+    :func:`top_feats_at_locations` can evaluate it at a few locations)."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
+            and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
+            and module.padding_mode == "zeros")
+
+
+def top_feats_at_locations(conv, box_towers: List[torch.Tensor], fpn_levels, locations, strides: List[int]):
+    """The output of a :func:`top_feats_conv` at a few FCOS locations of one image, without the dense map:
+    at inference only the detections need it (BlendMask's top layer has 784 channels on every location).
+    Equal to ``conv(box_towers[level][None])`` read at each location (up to float summation order).
+
+    Args:
+        conv: a conv for which :func:`is_top_feats_conv` holds.
+        box_towers: per level, (D, Hl, Wl) box-tower features of the image.
+        fpn_levels: (n,) each location's level.
+        locations: (n, 2) (x, y) image coordinates, ``stride * index + stride // 2`` (``compute_locations``).
+        strides: per level, its stride.
+    Returns:
+        (n, K) features, K = ``conv.out_channels``.
+    """
+    out = box_towers[0].new_zeros((fpn_levels.shape[0], conv.out_channels))
+    weight = conv.weight.flatten(1)  # (K, D * 9), ordered (channel, kernel row, kernel column)
+    window = torch.arange(3, device=fpn_levels.device)
+    for level, (tower, stride) in enumerate(zip(box_towers, strides)):
+        inds = torch.nonzero(fpn_levels == level).squeeze(1)
+        cols, rows = ((locations[inds] - stride // 2) / stride).round().long().unbind(dim=1)
+        # Padded by 1, the conv's 3x3 window at (row, col) covers padded rows row..row + 2, columns col..col + 2.
+        padded = F.pad(tower, (1, 1, 1, 1))
+        patches = padded[:, rows[:, None, None] + window[None, :, None], cols[:, None, None] + window[None, None, :]]
+        out[inds] = patches.transpose(0, 1).flatten(1) @ weight.T + conv.bias
+    return out
+
+
 class FCOSHead(ReferenceCheckpointMixin, nn.Module):
     """FCOS's shared dense head: classification and box towers, then per-location predictors.
 

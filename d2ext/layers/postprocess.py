@@ -79,6 +79,8 @@ def postprocess_full_image_masks(results, output_height, output_width, mask_thre
 
 def _resize_soft_masks(masks, output_size):
     """(n, h', w') soft masks -> (n, H, W) float, bilinear (align_corners=False)."""
+    if not torch.jit.is_tracing() and tuple(masks.shape[-2:]) == tuple(output_size):
+        return masks.float()  # what the interpolation would give (exactly), without its cost on full-size masks
     return F.interpolate(masks[:, None].float(), size=output_size, mode="bilinear", align_corners=False)[:, 0]
 
 

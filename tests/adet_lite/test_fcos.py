@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 import torchvision
+from detectron2.layers import ShapeSpec
 from detectron2.structures import Boxes, Instances
 
+from adet_lite.fcos.head import top_feats_at_locations, top_feats_conv
 from adet_lite.fcos.inference import fcos_inference_single_image
 from adet_lite.fcos.losses import fcos_losses
 from adet_lite.fcos.targets import (
@@ -240,6 +242,51 @@ def test_yaml_builds_and_head_exposes_box_towers():
     towers = predictions["box_towers"]
     assert [t.shape[-2:] for t in towers] == [features[f].shape[-2:] for f in ["p3", "p4", "p5", "p6", "p7"]]
     assert all(t.shape[1] == cfg.MODEL.FPN.OUT_CHANNELS for t in towers)
+
+
+def test_top_feats_at_locations_match_a_per_location_loop():
+    """The top conv at a few locations (corners and edges included) == a loop over its 3x3 window."""
+    torch.manual_seed(0)
+    conv = top_feats_conv({"p3": ShapeSpec(channels=5, stride=8), "p4": ShapeSpec(channels=5, stride=16)}, 7)
+    torch.nn.init.normal_(conv.bias)
+    towers = [torch.randn(5, 6, 9), torch.randn(5, 3, 5)]
+    strides = [8, 16]
+    cells = [(0, 0, 0), (0, 5, 8), (0, 2, 4), (1, 0, 4), (1, 2, 0), (1, 1, 2), (0, 5, 0)]  # (level, row, col)
+    levels = torch.tensor([c[0] for c in cells])
+    locations = torch.tensor([[c[2] * strides[c[0]] + strides[c[0]] // 2, c[1] * strides[c[0]] + strides[c[0]] // 2]
+                              for c in cells], dtype=torch.float32)
+    with torch.no_grad():
+        got = top_feats_at_locations(conv, towers, levels, locations, strides)
+    for i, (level, row, col) in enumerate(cells):
+        tower = towers[level]
+        for k in range(7):
+            total = float(conv.bias[k])
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    y, x = row + dy, col + dx
+                    if 0 <= y < tower.shape[1] and 0 <= x < tower.shape[2]:
+                        total += float((conv.weight[k, :, dy + 1, dx + 1] * tower[:, y, x]).sum())
+            assert float(got[i, k]) == pytest.approx(total, abs=1e-5)
+    assert top_feats_at_locations(conv, towers, levels[:0], locations[:0], strides).shape == (0, 7)
+
+
+def test_inference_runs_the_top_conv_at_the_detections_only():
+    """At inference the top module's features of the detections equal the dense conv's, read at them."""
+    cfg = tiny_cfg(FCOS_YAML, SMALL_INPUT + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
+    model = build_tiny_model(cfg).eval()
+    conv = top_feats_conv(model.backbone.output_shape(), 11)
+    torch.nn.init.normal_(conv.weight)
+    fcos = model.proposal_generator
+    with torch.no_grad():
+        features = model.backbone(torch.randn(2, 3, 96, 128))
+        predictions = fcos.predict(features, conv)
+        assert predictions["top_feats"] is None
+        results = fcos.inference(predictions, [(96, 128), (90, 120)])
+        dense = fcos.predict(features, lambda tower: conv(tower))  # not a conv module: computed everywhere
+        dense_results = fcos.inference(dense, [(96, 128), (90, 120)])
+    for sparse, full in zip(results, dense_results):
+        assert len(sparse) > 0 and torch.equal(sparse.locations, full.locations)
+        assert torch.allclose(sparse.top_feat, full.top_feat, atol=1e-4)
 
 
 def test_bad_config_values_are_clear_errors():

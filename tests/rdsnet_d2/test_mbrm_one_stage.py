@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from detectron2.structures import Boxes, Instances
 
 from d2ext.export import check_exportable
-from d2ext.layers import mask_bounding_boxes, postprocess_full_image_masks
+from d2ext.layers import aligned_bilinear, mask_bounding_boxes, postprocess_full_image_masks
 from d2ext.testing import (assert_prediction_fields, build_tiny_model, config_path, dataset_batch, predict, tiny_cfg,
                            train_step)
 from rdsnet_d2 import MBRM
@@ -90,6 +90,14 @@ def _resized(raw, height, width):
     return boxes.tensor[keep], soft[:, 0]
 
 
+def _condinst_at_input_size(raw, stride):
+    """CondInst's raw masks are at the mask output stride over the padded input: AdelaiDet's aligned
+    upsampling to the padded input, then the crop to the input image."""
+    height, width = raw.image_size
+    masks = aligned_bilinear(raw.pred_masks[:, None], stride)[:, 0, :height, :width]
+    return Instances(raw.image_size, pred_boxes=raw.pred_boxes, pred_masks=masks)
+
+
 def _assert_same_but_boxes(out, exp):
     assert set(out.get_fields()) == set(exp.get_fields())
     for field in ("scores", "pred_classes", "pred_masks"):
@@ -111,6 +119,7 @@ def test_condinst_without_mbrm_outputs_the_resized_masks_and_rescaled_boxes():
     with torch.no_grad():
         raw = model.inference(inputs, do_postprocess=False)
     for inp, res, out in zip(inputs, raw, _outputs(model, inputs)):
+        res = _condinst_at_input_size(res, model.mask_head.mask_out_stride)
         boxes, soft = _resized(res, inp["height"], inp["width"])
         assert len(out) > 0
         assert torch.equal(out.pred_masks, soft > 0.5) and torch.equal(out.pred_boxes.tensor, boxes)
@@ -135,6 +144,7 @@ def test_condinst_with_mbrm_end_to_end():
     model = _with_weights_of(plain, build_tiny_model(tiny_cfg(config_path(CONDINST_WITH_MBRM), CONDINST_OPTS)))
 
     def per_detection_mbrm(raw, inputs, plain_output):
+        raw = _condinst_at_input_size(raw, plain.mask_head.mask_out_stride)
         boxes, soft = _resized(raw, inputs["height"], inputs["width"])
         assert torch.equal(boxes, plain_output.pred_boxes.tensor)
         return torch.cat([model.mbrm(soft[i: i + 1], boxes[i: i + 1]) for i in range(len(boxes))])

@@ -234,7 +234,7 @@ class FCOS(nn.Module):
         splits = predictions["num_locations"]
         locations = predictions["locations"].split(splits)
         results = []
-        top_feats, top_module = predictions["top_feats"], predictions.get("top_module")
+        top_feats, top_module = predictions["top_feats"], predictions["top_module"]
         for i, image_size in enumerate(image_sizes):
             result = fcos_inference_single_image(
                 predictions["logits"][i].split(splits), predictions["box_reg"][i].split(splits),

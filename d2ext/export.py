@@ -51,7 +51,7 @@ LEN_PATCHED_MODULES = (
     "adet_lite.condinst.condinst",
     "nlroi_d2.head_mixin",
     "nlroi_d2.roi_heads",
-    "rdsnet_d2.rdsnet",
+    "rdsnet_d2.masks",
 )
 # The ONNX opset: torchvision's NMS needs >= 11, its RoIAlign with aligned=True (ROIAlignV2 of the R-CNN
 # heads and BlendMask's blender) >= 16. The models are tested with 17.

@@ -69,7 +69,8 @@ def top_feats_at_locations(conv, box_towers: List[torch.Tensor], fpn_levels, loc
         # Padded by 1, the conv's 3x3 window at (row, col) covers padded rows row..row + 2, columns col..col + 2.
         padded = F.pad(tower, (1, 1, 1, 1))
         patches = padded[:, rows[:, None, None] + window[None, :, None], cols[:, None, None] + window[None, None, :]]
-        out[inds] = patches.transpose(0, 1).flatten(1) @ weight.T + conv.bias
+        # index_copy, not ``out[inds] = ...``: traced, the latter fixes the row count of the traced image.
+        out = out.index_copy(0, inds, patches.transpose(0, 1).flatten(1) @ weight.T + conv.bias)
     return out
 
 

@@ -45,6 +45,8 @@ MODELS = {
                "MODEL.SOLOV2.SCORE_THR", ["MODEL.SOLOV2.UPDATE_THR", 0.0, "MODEL.SOLOV2.MASK_THR", 1e-5]),
     "rdsnet": ("rdsnet_R18_FPN_synthetic.yaml", ["MODEL.RETINANET.NUM_CONVS", 2],
                "MODEL.RETINANET.SCORE_THRESH_TEST", []),
+    "rdsnet_fcos": ("rdsnet_fcos_R18_synthetic.yaml", FCOS_TOWERS,
+                    "MODEL.FCOS.INFERENCE_TH_TEST", []),
 }
 parametrize_models = pytest.mark.parametrize("name", list(MODELS))
 # With every cell a candidate (untrained model, thresholds 0), the SOLO family forms a mask for each cell

@@ -45,10 +45,12 @@ MODELS = {
     "solov2": ("solov2_R18_FPN_synthetic.yaml", _solo("SOLOV2", 0.016)),
     "rdsnet": ("rdsnet_R18_FPN_synthetic.yaml", ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.016,
                                                  "TEST.DETECTIONS_PER_IMAGE", 1000]),
+    "rdsnet_fcos": ("rdsnet_fcos_R18_synthetic.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", 0.007,
+                                                       "MODEL.FCOS.POST_NMS_TOPK_TEST", 100]),
 }
 # RDSNet forms its masks directly at the original size; its exported masks are formed at the input size
-# and resized afterwards (documented in RDSNet.inference), so only its input-size outputs equal eager ones.
-RESIZES_LIKE_EAGER = set(MODELS) - {"rdsnet"}
+# and resized afterwards (documented in RDSNetMasks.inference), so only its input-size outputs equal eager ones.
+RESIZES_LIKE_EAGER = set(MODELS) - {"rdsnet", "rdsnet_fcos"}
 
 
 def _model(name, opts=()):

@@ -38,11 +38,13 @@ MODELS = {
                        "MODEL.SOLO.NUM_CLASSES"),
     "solov2": ("solov2_R18_FPN_synthetic.yaml", [], "MODEL.SOLOV2.NUM_CLASSES"),
     "rdsnet": ("rdsnet_R18_FPN_synthetic.yaml", [], "MODEL.RETINANET.NUM_CLASSES"),
+    "rdsnet_fcos": ("rdsnet_fcos_R18_synthetic.yaml", [], "MODEL.FCOS.NUM_CLASSES"),
 }
 # For each model, a model of another architecture whose checkpoint it is given.
 OTHER_ARCHITECTURE = {
     "nlroi_mask_rcnn": "fcos", "fcos": "solo", "condinst": "blendmask", "blendmask": "solov2",
     "solo": "solov2", "decoupled_solo": "solo", "solov2": "rdsnet", "rdsnet": "nlroi_mask_rcnn",
+    "rdsnet_fcos": "condinst",
 }
 parametrize_models = pytest.mark.parametrize("name", list(MODELS))
 DEMO_MODEL = "fcos"

@@ -1,8 +1,6 @@
 """RDSNet with FCOS as its object stream (the paper: any regression-based detector can be the object
 stream). FCOS is adet_lite's, imported when such a model is built, so that the rest of rdsnet_d2 does not
 need adet_lite."""
-from typing import Dict, List
-
 import torch
 from torch import nn
 from detectron2.config import configurable
@@ -44,11 +42,11 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        from adet_lite.fcos.head import top_feats_conv  # lazy: only this object stream needs adet_lite
+        # Lazy: only this object stream needs adet_lite.
+        from adet_lite.fcos.config import check_fcos_proposal_generator
+        from adet_lite.fcos.head import top_feats_conv
 
-        if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "FCOS":
-            raise ValueError(f"RDSNetFCOS needs MODEL.PROPOSAL_GENERATOR.NAME 'FCOS', got "
-                             f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
+        check_fcos_proposal_generator(cfg, "RDSNetFCOS")
         backbone = build_backbone(cfg)
         backbone_shape = backbone.output_shape()
         missing = [f for f in cfg.MODEL.RDSNET.PIXEL_IN_FEATURES if f not in backbone_shape]
@@ -64,15 +62,8 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
             "mask_options": cls.mask_options(cfg, backbone_shape),
         }
 
-    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
-        """Detectron2's model contract: losses in training, ``[{"instances": Instances}]`` otherwise."""
-        if not self.training:
-            return self.inference(batched_inputs)
-        if any("instances" not in x for x in batched_inputs):
-            raise ValueError("RDSNetFCOS: training inputs need 'instances' (annotations)")
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        if self.mbrm_train:
-            return self.mbrm_stage_losses(batched_inputs, gt_instances)
+    def training_losses(self, batched_inputs, gt_instances):
+        """FCOS's losses and ``loss_mask`` on FCOS's positive locations."""
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         predictions = self.proposal_generator.predict(features, self.rep_conv)

@@ -19,10 +19,11 @@ from .pixel_stream import PixelStream
 
 
 class RDSNetMasks:
-    """Mix into a meta-architecture that has a ``pixel_stream`` and implements
-    ``run_detection(batched_inputs) -> (images, detections, pixel_reps)``: per image ``Instances`` at the
-    input size with ``pred_boxes``, ``scores``, ``pred_classes`` and ``object_reps`` (N, 2, d), and the
-    batch's (B, d, H / mask_stride, W / mask_stride) pixel representations.
+    """Mix into a meta-architecture (before ``nn.Module`` or its base) that implements
+    ``training_losses(batched_inputs, gt_instances) -> dict`` (its object stream's losses and
+    :meth:`mask_loss`) and ``run_detection(batched_inputs) -> (images, detections, pixel_reps)``: per image
+    ``Instances`` at the input size with ``pred_boxes``, ``scores``, ``pred_classes`` and ``object_reps``
+    (N, 2, d), and the batch's (B, d, H / mask_stride, W / mask_stride) pixel representations.
 
     Call ``init_masks(**mask_options(cfg, backbone_shape))`` in ``__init__``.
     """
@@ -100,6 +101,17 @@ class RDSNetMasks:
                 if name != "mbrm":
                     child.train(False)
         return self
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """Detectron2's model contract: losses in training, ``[{"instances": Instances}]`` otherwise."""
+        if not self.training:
+            return self.inference(batched_inputs)
+        if any("instances" not in x for x in batched_inputs):
+            raise ValueError(f"{type(self).__name__}: training inputs need 'instances' (annotations)")
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        if self.mbrm_train:
+            return self.mbrm_stage_losses(batched_inputs, gt_instances)
+        return self.training_losses(batched_inputs, gt_instances)
 
     # ------------------------------------------------------------------ training
     def mask_loss(self, padded_size, pixel_reps, positive_images, positive_gt, positive_reps, gt_instances):

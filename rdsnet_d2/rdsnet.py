@@ -1,8 +1,6 @@
 """RDSNet meta-architecture: an object stream on Detectron2's RetinaNet machinery (anchors, Matcher,
 Box2BoxTransform, focal + smooth-L1 losses) and a pixel stream, fused by correlation and cropping, with
 MBRM as an optional box refinement and its own training stage."""
-from typing import Dict, List
-
 import torch
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
@@ -54,17 +52,6 @@ class RDSNet(RDSNetMasks, RetinaNet):
         )
         return ret
 
-    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
-        """Detectron2's model contract: losses in training, ``[{"instances": Instances}]`` otherwise."""
-        if not self.training:
-            return self.inference(batched_inputs)
-        if any("instances" not in x for x in batched_inputs):
-            raise ValueError("RDSNet: training inputs need 'instances' (annotations)")
-        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        if self.mbrm_train:
-            return self.mbrm_stage_losses(batched_inputs, gt_instances)
-        return self.forward_training(*self._run_streams(batched_inputs), gt_instances)
-
     def _run_streams(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)
         all_features = self.backbone(images.tensor)
@@ -74,7 +61,9 @@ class RDSNet(RDSNetMasks, RetinaNet):
         return images, features, predictions, self.pixel_stream(all_features)
 
     # ------------------------------------------------------------------ training
-    def forward_training(self, images, features, predictions, pixel_reps, gt_instances):
+    def training_losses(self, batched_inputs, gt_instances):
+        """RetinaNet's losses and ``loss_mask`` on the foreground anchors."""
+        images, features, predictions, pixel_reps = self._run_streams(batched_inputs)
         pred_logits, pred_deltas, pred_reps = predictions
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes, matched_idxs = self.match_anchors(anchors, gt_instances)

@@ -10,6 +10,7 @@ from detectron2.structures import Instances
 from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, padded_bitmasks, postprocess_per_image,
                           register_empty_load_check, semantic_targets)
 
+from ..fcos.config import check_fcos_proposal_generator
 from ..fcos.head import top_feats_conv
 from ..fcos.losses import centerness_normalizer
 from ..fcos.targets import centerness_targets
@@ -89,9 +90,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "FCOS":
-            raise ValueError(f"BlendMask needs MODEL.PROPOSAL_GENERATOR.NAME 'FCOS', got "
-                             f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
+        check_fcos_proposal_generator(cfg, "BlendMask")
         if cfg.MODEL.BLENDMASK.VISUALIZE:
             raise ValueError("MODEL.BLENDMASK.VISUALIZE=True (AdelaiDet's basis visualisation) is not supported")
         backbone = build_backbone(cfg)

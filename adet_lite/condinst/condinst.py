@@ -13,6 +13,7 @@ from detectron2.utils.events import get_event_storage
 from d2ext.layers import (PixelNormalizationMixin, aligned_bilinear, ensure_gt_masks, padded_bitmasks,
                           postprocess_full_image_masks, postprocess_per_image, register_empty_load_check)
 
+from ..fcos.config import check_fcos_proposal_generator
 from ..fcos.head import top_feats_conv
 from ..mbrm import mbrm_options
 
@@ -88,9 +89,7 @@ class CondInst(PixelNormalizationMixin, nn.Module):
             boxinst = {"bottom_pixels_removed": cfg.MODEL.BOXINST.BOTTOM_PIXELS_REMOVED, "kernel_size": pairwise.SIZE,
                        "dilation": pairwise.DILATION, "warmup_iters": pairwise.WARMUP_ITERS,
                        "color_thresh": pairwise.COLOR_THRESH}
-        if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "FCOS":
-            raise ValueError(f"CondInst needs MODEL.PROPOSAL_GENERATOR.NAME 'FCOS', got "
-                             f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
+        check_fcos_proposal_generator(cfg, "CondInst")
         backbone = build_backbone(cfg)
         output_shape = backbone.output_shape()
         mask_branch = MaskBranch(cfg, output_shape)

@@ -37,3 +37,10 @@ def add_fcos_config(cfg):
     _C.YIELD_BOX_FEATURES = False  # AdelaiDet compatibility: FCOS.predict() always returns the box towers
     _C.BOX_QUALITY = "ctrness"  # quality branch target: "ctrness" (centerness) or "iou"
     return cfg
+
+
+def check_fcos_proposal_generator(cfg, model_name):
+    """Models built on FCOS (CondInst, BlendMask, RDSNetFCOS) need it as their proposal generator."""
+    if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "FCOS":
+        raise ValueError(f"{model_name} needs MODEL.PROPOSAL_GENERATOR.NAME 'FCOS', got "
+                         f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")

@@ -24,6 +24,7 @@ MODELS = [
     ("nlroi", "configs/quickstart/nlroi_mask_rcnn_R18_FPN_synthetic.yaml"),
     ("condinst", "configs/quickstart/condinst_R18_synthetic.yaml"),
     ("blendmask", "configs/quickstart/blendmask_R18_synthetic.yaml"),
+    ("blendmask_stride2", "configs/quickstart/blendmask_R18_synthetic_stride2.yaml"),
     ("solo", "configs/quickstart/solo_R18_FPN_synthetic.yaml"),
     ("solov2", "configs/quickstart/solov2_R18_FPN_synthetic.yaml"),
     ("rdsnet", "configs/quickstart/rdsnet_R18_FPN_synthetic.yaml"),

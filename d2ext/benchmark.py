@@ -147,16 +147,18 @@ def measure(cfg, mode, batch, warmup, iters):
     """
     device = cfg.MODEL.DEVICE
     step = model_step(cfg, mode, batch)
-    last_outputs = []
+    detections = []
 
-    def step_keeping_outputs():
-        last_outputs[:] = [step()]
+    def step_counting_detections():
+        outputs = step()
+        if mode == "inference":  # counts only: the outputs are not kept into the next step's peak memory
+            detections[:] = [len(out["instances"]) for out in outputs]
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = median_seconds(step_keeping_outputs, device, warmup, iters)
-    detections = [len(out["instances"]) for out in last_outputs[0]] if mode == "inference" else None
-    return {"seconds": seconds, "memory_mb": peak_memory_mb(device), "detections": detections}
+    seconds = median_seconds(step_counting_detections, device, warmup, iters)
+    return {"seconds": seconds, "memory_mb": peak_memory_mb(device),
+            "detections": detections if mode == "inference" else None}
 
 
 def interleaved_seconds(steps, device, warmup, iters):

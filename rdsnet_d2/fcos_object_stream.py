@@ -49,10 +49,6 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
         check_fcos_proposal_generator(cfg, "RDSNetFCOS")
         backbone = build_backbone(cfg)
         backbone_shape = backbone.output_shape()
-        missing = [f for f in cfg.MODEL.RDSNET.PIXEL_IN_FEATURES if f not in backbone_shape]
-        if missing:
-            raise ValueError(f"MODEL.RDSNET.PIXEL_IN_FEATURES: {missing} not in the backbone's outputs "
-                             f"{sorted(backbone_shape)}")
         return {
             "backbone": backbone,
             "proposal_generator": build_proposal_generator(cfg, backbone_shape),

@@ -8,6 +8,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from torch import nn
 from torch.nn import functional as F
 
+from d2ext.config_checks import check_in_features
+
 
 def _upsample2x(x):
     # The official pixel stream upsamples with align_corners=True.
@@ -43,10 +45,7 @@ class PixelStream(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         in_features = cfg.MODEL.RDSNET.PIXEL_IN_FEATURES
-        missing = [f for f in in_features if f not in input_shape]
-        if missing:
-            raise ValueError(f"MODEL.RDSNET.PIXEL_IN_FEATURES: {missing} not among the backbone's "
-                             f"outputs {sorted(input_shape)}")
+        check_in_features("MODEL.RDSNET.PIXEL_IN_FEATURES", in_features, input_shape)
         strides = [input_shape[f].stride for f in in_features]
         if any(b != 2 * a for a, b in zip(strides, strides[1:])):
             raise ValueError(f"MODEL.RDSNET.PIXEL_IN_FEATURES must be consecutive levels (strides x2), "

@@ -7,6 +7,7 @@ from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
+from d2ext.config_checks import check_in_features
 from d2ext.layers import capped_count, register_empty_load_check
 
 from .checkpoint import rename_official_rdsnet_keys
@@ -41,9 +42,7 @@ class RDSNet(RDSNetMasks, RetinaNet):
     def from_config(cls, cfg):
         ret = super().from_config(cfg)  # backbone, anchors, matcher, box coder, loss / test settings
         backbone_shape = ret["backbone"].output_shape()
-        missing = [f for f in cfg.MODEL.RETINANET.IN_FEATURES if f not in backbone_shape]
-        if missing:
-            raise ValueError(f"MODEL.RETINANET.IN_FEATURES: {missing} not in the backbone's outputs")
+        check_in_features("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, backbone_shape)
         ret["head"] = RDSNetHead(cfg, [backbone_shape[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
         ret.update(
             mask_options=cls.mask_options(cfg, backbone_shape),

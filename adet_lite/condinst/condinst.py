@@ -1,4 +1,3 @@
-import functools
 from typing import Dict, List
 
 import torch
@@ -153,8 +152,7 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         MBRM, the boxes refined from the soft masks at that size."""
         return postprocess_full_image_masks(results, height, width, self.mask_threshold,
                                             refine_boxes=self.mbrm, chunk_size=self.mbrm_chunk_size,
-                                            input_size_masks=functools.partial(self.input_size_masks,
-                                                                               image_size=results.image_size))
+                                            input_size_masks=self.input_size_masks)
 
     def input_size_masks(self, masks, image_size):
         """(N, H / s, W / s) soft masks over the padded input at the mask output stride s -> (N, h, w) over

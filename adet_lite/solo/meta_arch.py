@@ -1,6 +1,5 @@
 """SOLO / Decoupled SOLO / Decoupled SOLO Light (``META_ARCHITECTURE: "SOLO"``, keys MODEL.SOLO) and
 SOLOv2 (``"SOLOv2"``, AdelaiDet's keys MODEL.SOLOV2)."""
-import functools
 from typing import Dict, List
 
 import torch
@@ -278,14 +277,14 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         """To the original image size; boxes re-derived from the final masks (with MBRM, those boxes
         refined from the soft masks); empty masks dropped."""
         threshold = self.inference_params.mask_threshold
-        to_input_size = functools.partial(self.input_size_masks, image_size=result.image_size)
         if self.mbrm is None:
-            result = postprocess_full_image_masks(result, height, width, threshold, input_size_masks=to_input_size)
+            result = postprocess_full_image_masks(result, height, width, threshold,
+                                                  input_size_masks=self.input_size_masks)
             result.pred_boxes = mask_bounding_boxes(result.pred_masks)
         else:
             result = postprocess_full_image_masks(result, height, width, threshold,
                                                   refine_boxes=self._refined_mask_boxes,
-                                                  chunk_size=self.mbrm_chunk_size, input_size_masks=to_input_size)
+                                                  chunk_size=self.mbrm_chunk_size, input_size_masks=self.input_size_masks)
         return result[result.pred_masks.flatten(1).any(dim=1)]
 
     def _refined_mask_boxes(self, soft_masks, boxes):

@@ -30,7 +30,7 @@ def postprocess_full_image_masks(results, output_height, output_width, mask_thre
         refine_boxes: None, or ``f(soft_masks (n, H, W), boxes (n, 4)) -> (n, 4)`` boxes at the output
             size H x W (needs ``pred_masks``).
         chunk_size: detections resized at once.
-        input_size_masks: None, or ``f(pred_masks (n, h', w')) -> (n, h, w)`` soft masks over the input
+        input_size_masks: None, or ``f(pred_masks (n, h', w'), (h, w)) -> (n, h, w)`` soft masks over the input
             image, for models whose ``pred_masks`` cover more than it (SOLO's cover the padded input):
             applied to each chunk before the resize to the output size.
     Returns:
@@ -66,7 +66,7 @@ def postprocess_full_image_masks(results, output_height, output_width, mask_thre
         chunk = slice(start, start + chunk_size)
         soft = masks[kept[chunk]]
         if input_size_masks is not None:
-            soft = input_size_masks(soft)
+            soft = input_size_masks(soft, results.image_size)
         soft = _resize_soft_masks(soft, (output_height, output_width))
         if refine_boxes is not None:
             refined[chunk] = refine_boxes(soft, refined[chunk])

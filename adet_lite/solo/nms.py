@@ -81,9 +81,11 @@ def mask_nms(masks, labels, scores, iou_threshold=0.5):
     sorted_labels = labels[order]
     same_label = sorted_labels[:, None] == sorted_labels[None, :]
     suppresses = ((mask_iou_matrix(masks[order]) > iou_threshold) & same_label).triu(diagonal=1)
-    suppressed = torch.zeros(order.shape[0], dtype=torch.bool, device=scores.device)
-    # Sequential by definition: whether i suppresses others depends on whether i itself survived.
+    # Sequential by definition: whether i suppresses others depends on whether i itself survived. The
+    # loop runs on the host: on a GPU, reading ``suppressed[i]`` there would synchronise once per mask.
+    suppresses = suppresses.cpu()
+    suppressed = torch.zeros(order.shape[0], dtype=torch.bool)
     for i in range(order.shape[0]):
         if not suppressed[i]:
             suppressed |= suppresses[i]
-    return order[~suppressed]
+    return order[~suppressed.to(order.device)]

@@ -25,7 +25,7 @@ BASELINE = "detectron2 mask_rcnn_R_50_FPN_1x"
 BASELINE_OPTS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
 
 
-def _measure_in_process(config_file, opts, mode, args, queue):
+def _measure_in_process(config_file, opts, mode, args, queue, prepare_model):
     import d2ext  # noqa: F401  (datasets)
     from d2ext import benchmark
     from d2ext.engine import setup_cfg
@@ -38,13 +38,13 @@ def _measure_in_process(config_file, opts, mode, args, queue):
     else:
         cfg = setup_cfg(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *opts], freeze=False)
     batch = benchmark.synthetic_batch(cfg, args.batch_size, args.size[0], args.size[1])
-    queue.put(benchmark.measure(cfg, mode, batch, args.warmup, args.iters))
+    queue.put(benchmark.measure(cfg, mode, batch, args.warmup, args.iters, prepare_model))
 
 
-def measure_isolated(config_file, opts, mode, args):
+def measure_isolated(config_file, opts, mode, args, prepare_model=None):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure_in_process, args=(config_file, opts, mode, args, queue))
+    proc = ctx.Process(target=_measure_in_process, args=(config_file, opts, mode, args, queue, prepare_model))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -68,7 +68,9 @@ def measure_and_report(models, args, baseline_name):
     the ratio table against ``baseline_name``.
 
     Args:
-        models: list of (name, config file or None for Detectron2's baseline, extra opts).
+        models: list of (name, config file or None for Detectron2's baseline, extra opts) or of
+            (name, config file, extra opts, prepare_model): ``prepare_model(model)`` runs on the built
+            model in the measuring process (a module-level function, so that it pickles).
         args: parsed ``add_measurement_arguments`` options.
     Returns:
         the table's rows: dicts with name, mode, seconds, memory_mb, detections (per image; None in training).
@@ -76,9 +78,9 @@ def measure_and_report(models, args, baseline_name):
     from d2ext.benchmark import command_line, format_table, machine_description
 
     rows = []
-    for name, config_file, opts in models:
+    for name, config_file, opts, *prepare_model in models:
         for mode in args.modes:
-            row = {"name": name, "mode": mode, **measure_isolated(config_file, opts, mode, args)}
+            row = {"name": name, "mode": mode, **measure_isolated(config_file, opts, mode, args, *prepare_model)}
             rows.append(row)
             print(f"{name} {mode}: {row['seconds']:.3f} s, {row['memory_mb']:.0f} MB, detections {row['detections']}",
                   file=sys.stderr, flush=True)

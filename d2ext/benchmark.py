@@ -111,11 +111,14 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def model_step(cfg, mode, batch):
+def model_step(cfg, mode, batch, prepare_model=None):
     """A freshly built model (seed 0) of ``cfg`` and a function running one inference of ``batch`` (without
-    its annotations; it returns the model's outputs) or one SGD training step on it (it returns None)."""
+    its annotations; it returns the model's outputs) or one SGD training step on it (it returns None).
+    ``prepare_model(model)``, if given, runs once on the built model (e.g. to set weights)."""
     torch.manual_seed(0)
     model = build_model(cfg)
+    if prepare_model is not None:
+        prepare_model(model)
     if mode == "inference":
         model.eval()
         inputs = [{k: v for k, v in d.items() if k != "instances"} for d in batch]
@@ -138,15 +141,16 @@ def model_step(cfg, mode, batch):
     return step
 
 
-def measure(cfg, mode, batch, warmup, iters):
-    """Median seconds and peak memory of one inference (batch of images) or one training step.
+def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
+    """Median seconds and peak memory of one inference (batch of images) or one training step
+    (``prepare_model``: see :func:`model_step`).
 
     Returns:
         dict of seconds, memory_mb and detections: the instances per image of the last inference (how much
         post-processing and mask prediction the time includes; random models can give few), None in training.
     """
     device = cfg.MODEL.DEVICE
-    step = model_step(cfg, mode, batch)
+    step = model_step(cfg, mode, batch, prepare_model)
     detections = []
 
     def step_counting_detections():

@@ -1,0 +1,41 @@
+"""d2ext.benchmark: the CPU memory readings (the peak can be reset to the memory in use; Linux) and
+model_step's hook on the built model."""
+import sys
+
+import pytest
+import torch
+
+from d2ext.benchmark import current_memory_mb, peak_memory_mb, reset_peak_memory
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_cpu_peak_memory_resets_to_the_memory_in_use():
+    big = torch.ones(50 * 2**20)  # 200 MB, written
+    peak_with_big = peak_memory_mb("cpu")
+    assert peak_with_big >= current_memory_mb("cpu") >= 200
+    del big
+    assert reset_peak_memory("cpu")
+    assert peak_memory_mb("cpu") < peak_with_big - 150
+    small = torch.ones(10 * 2**20)  # 40 MB
+    assert peak_memory_mb("cpu") >= current_memory_mb("cpu") - 1
+    del small
+
+
+def test_model_step_prepares_the_built_model_once():
+    from d2ext.benchmark import model_step, synthetic_batch
+    from d2ext.engine import setup_cfg
+    from d2ext.testing import config_path
+
+    cfg = setup_cfg(config_path("quickstart/mask_rcnn_R18_FPN_synthetic.yaml"), [])
+    batch = synthetic_batch(cfg, 1, 64, 96, dataset="synthetic_shapes_mini_val")
+    prepared = []
+
+    def zero_box_predictor(model):
+        prepared.append(model)
+        torch.nn.init.zeros_(model.roi_heads.box_predictor.cls_score.weight)
+
+    step = model_step(cfg, "inference", batch, prepare_model=zero_box_predictor)
+    step()
+    step()
+    (model,) = prepared
+    assert model.roi_heads.box_predictor.cls_score.weight.abs().sum() == 0

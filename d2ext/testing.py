@@ -173,6 +173,18 @@ def assert_instance_predictions(instances, height, width):
     assert_prediction_fields(instances, height, width)
 
 
+def assert_masks_inside_expanded_boxes(instances, expand):
+    """Every ``pred_masks`` lies inside its ``pred_boxes`` grown by ``expand`` x (size + 1) per side, at
+    least 1 px (RDSNet's test crop), on both axes; the low side is compared after flooring, for the
+    resize to the original size."""
+    for box, mask in zip(instances.pred_boxes.tensor, instances.pred_masks):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        if xs.numel() == 0:
+            continue
+        for coords, lo, hi in ((xs, box[0], box[2]), (ys, box[1], box[3])):
+            pad = max(float(expand * (hi - lo + 1)), 1.0)
+            assert coords.min() >= int(max(lo - pad, 0)) and coords.max() < hi + pad, (box, coords.min(), coords.max())
+
 def map_records(cfg, records, is_train=True):
     """Map dataset records (Detectron2 dataset dicts, e.g. edited copies of a split's) with the mapper of
     ``d2ext.engine.Trainer``'s loader, made deterministic with the test-time resize (no random flip);

@@ -5,8 +5,8 @@ import torch
 from detectron2.structures import Boxes, Instances
 
 from d2ext.testing import (
-    assert_checkpoint_round_trip, assert_losses_fall, assert_prediction_fields, build_tiny_model, config_path,
-    dataset_batch, loss_history, predict, tiny_cfg, train_step,
+    assert_checkpoint_round_trip, assert_losses_fall, assert_masks_inside_expanded_boxes, assert_prediction_fields,
+    build_tiny_model, config_path, dataset_batch, loss_history, predict, tiny_cfg, train_step,
 )
 
 CONFIG = config_path("quickstart/rdsnet_fcos_R18_synthetic.yaml")
@@ -67,12 +67,7 @@ def test_train_step_and_inference():
     for inp, inst in zip(inputs, instances):
         assert_prediction_fields(inst, inp["height"], inp["width"])
         assert 0 < len(inst) <= 20 and inst.pred_classes.max() < 4
-        # masks stay inside the test crop (box + 0.1 of its size per side, at least 1 px)
-        for box, mask in zip(inst.pred_boxes.tensor, inst.pred_masks):
-            ys, xs = torch.nonzero(mask, as_tuple=True)
-            if xs.numel():
-                pad_x = max(0.1 * (box[2] - box[0] + 1), 1)
-                assert xs.min() >= int(max(box[0] - pad_x, 0)) and xs.max() < box[2] + pad_x
+        assert_masks_inside_expanded_boxes(inst, 0.1)  # the test crop (MODEL.RDSNET.TEST_CROP_EXPAND)
 
 
 def test_image_without_annotations_and_zero_detections():

@@ -10,7 +10,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import Boxes, Instances
 
 from d2ext.testing import (
-    REFERENCE_DIR, build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg, train_step,
+    REFERENCE_DIR, assert_masks_inside_expanded_boxes, build_tiny_model, checkpoint_round_trip, config_path, dataset_batch,
+    overfit, tiny_cfg, train_step,
 )
 from rdsnet_d2.checkpoint import official_to_detectron2_name, reorder_anchors
 
@@ -60,12 +61,7 @@ def test_train_step_and_inference_format(cfg):
         assert inst.pred_masks.shape == (n, inp["height"], inp["width"]) and inst.pred_masks.dtype == torch.bool
         assert inst.pred_boxes.tensor.shape == (n, 4) and inst.scores.shape == (n,)
         assert inst.pred_classes.max() < 4
-        # masks stay inside the test crop (box + 0.1 of its size per side, at least 1 px)
-        for box, mask in zip(inst.pred_boxes.tensor, inst.pred_masks):
-            ys, xs = torch.nonzero(mask, as_tuple=True)
-            if xs.numel():
-                pad_x = max(0.1 * (box[2] - box[0] + 1), 1)
-                assert xs.min() >= int(max(box[0] - pad_x, 0)) and xs.max() < box[2] + pad_x
+        assert_masks_inside_expanded_boxes(inst, 0.1)  # the test crop (MODEL.RDSNET.TEST_CROP_EXPAND)
 
 
 def test_chunked_masks_equal_one_chunk(cfg):

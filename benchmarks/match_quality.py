@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Where does a model's mask AP go? Matches a COCO results file (``coco_instances_results.json``, written
+by Detectron2's ``COCOEvaluator`` under ``OUTPUT_DIR/inference/DATASET``) against the ground truth,
+ignoring scores and classes first:
+
+- ``best IoU``: per ground-truth instance, the highest mask IoU of any detection (any class, any score):
+  the masks' quality when the right detection is picked; ``recall@0.5`` / ``recall@0.75`` from it;
+- ``class right``: among the detections with mask IoU >= 0.5 with an instance, whether the highest-scoring
+  one has the instance's class (what class-wise AP needs); over the instances that have such a detection;
+- detections per image, and best IoU per class.
+
+    python benchmarks/match_quality.py output/quickstart/inference/synthetic_shapes_val/coco_instances_results.json
+"""
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def image_match_quality(iou, gt_classes, det_classes, det_scores, class_iou=0.5):
+    """
+    Args:
+        iou: (D, G) mask IoU of each detection with each ground-truth instance of one image.
+        gt_classes (G,), det_classes (D,), det_scores (D,).
+    Returns:
+        best_iou (G,) (0 without detections), and class_right (G,) of True / False, or None where no
+        detection reaches ``class_iou``.
+    """
+    num_gt = len(gt_classes)
+    if len(det_classes) == 0:
+        return np.zeros(num_gt), [None] * num_gt
+    iou = np.asarray(iou).reshape(len(det_classes), num_gt)
+    best_iou = iou.max(axis=0)
+    scores = np.where(iou >= class_iou, np.asarray(det_scores, dtype=np.float64)[:, None], -np.inf)
+    top = scores.argmax(axis=0)
+    matched = np.isfinite(scores.max(axis=0))
+    class_right = [bool(det_classes[top[g]] == gt_classes[g]) if matched[g] else None for g in range(num_gt)]
+    return best_iou, class_right
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="coco_instances_results.json of a model's evaluation")
+    parser.add_argument("--dataset", default="synthetic_shapes_val", help="the registered dataset it evaluated")
+    args = parser.parse_args()
+
+    import pycocotools.mask as mask_util
+    from pycocotools.coco import COCO
+
+    import d2ext.data  # noqa: F401  (registers the built-in datasets)
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    DatasetCatalog.get(args.dataset)  # generates a synthetic split's json if needed
+    coco = COCO(MetadataCatalog.get(args.dataset).json_file)
+    with open(args.results) as f:
+        detections = json.load(f)
+    by_image = defaultdict(list)
+    for d in detections:
+        by_image[d["image_id"]].append(d)
+
+    best, right, classes = [], [], []
+    for image_id in coco.getImgIds():
+        annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
+        if not annotations:
+            continue
+        dets = by_image.get(image_id, [])
+        gt_rles = [coco.annToRLE(a) for a in annotations]
+        iou = mask_util.iou([d["segmentation"] for d in dets], gt_rles, [0] * len(gt_rles)) if dets else []
+        gt_classes = [a["category_id"] for a in annotations]
+        image_best, image_right = image_match_quality(
+            iou, gt_classes, [d["category_id"] for d in dets], [d["score"] for d in dets])
+        best.extend(image_best)
+        right.extend(image_right)
+        classes.extend(gt_classes)
+    best, classes = np.array(best), np.array(classes)
+    judged = [r for r in right if r is not None]
+    print(f"{args.results}\n{len(best)} instances in {len(coco.getImgIds())} images, "
+          f"{len(detections) / max(len(coco.getImgIds()), 1):.1f} detections per image")
+    print(f"best IoU {best.mean():.3f}  recall@0.5 {(best >= 0.5).mean():.3f}  recall@0.75 {(best >= 0.75).mean():.3f}"
+          f"  class right {np.mean(judged) if judged else float('nan'):.2f} (of {len(judged)})")
+    for category in coco.loadCats(sorted(set(classes.tolist()))):
+        selected = best[classes == category["id"]]
+        print(f"  {category['name']:10s} best IoU {selected.mean():.3f}  recall@0.75 {(selected >= 0.75).mean():.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,9 @@ ignoring scores and classes first:
   the masks' quality when the right detection is picked; ``recall@0.5`` / ``recall@0.75`` from it;
 - ``class right``: among the detections with mask IoU >= 0.5 with an instance, whether the highest-scoring
   one has the instance's class (what class-wise AP needs); over the instances that have such a detection;
-- detections per image, and best IoU per class.
+- ``outside`` / ``missed``: for the instances whose best IoU is >= 0.5, the best detection's pixels
+  outside the instance, and the instance's pixels it misses, each as a fraction of the instance's area;
+- detections per image, and all of it per class.
 
     python benchmarks/match_quality.py output/quickstart/inference/synthetic_shapes_val/coco_instances_results.json
 """
@@ -64,7 +66,7 @@ def main():
     for d in detections:
         by_image[d["image_id"]].append(d)
 
-    best, right, classes = [], [], []
+    best, right, classes, outside, missed = [], [], [], [], []
     for image_id in coco.getImgIds():
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
         if not annotations:
@@ -78,15 +80,27 @@ def main():
         best.extend(image_best)
         right.extend(image_right)
         classes.extend(gt_classes)
-    best, classes = np.array(best), np.array(classes)
+        for g, gt_rle in enumerate(gt_rles):
+            if image_best[g] < 0.5:
+                outside.append(np.nan)
+                missed.append(np.nan)
+                continue
+            gt_mask = mask_util.decode(gt_rle).astype(bool)
+            pred_mask = mask_util.decode(dets[int(np.argmax(iou[:, g]))]["segmentation"]).astype(bool)
+            outside.append((pred_mask & ~gt_mask).sum() / gt_mask.sum())
+            missed.append((gt_mask & ~pred_mask).sum() / gt_mask.sum())
+    best, classes, outside, missed = np.array(best), np.array(classes), np.array(outside), np.array(missed)
     judged = [r for r in right if r is not None]
     print(f"{args.results}\n{len(best)} instances in {len(coco.getImgIds())} images, "
           f"{len(detections) / max(len(coco.getImgIds()), 1):.1f} detections per image")
     print(f"best IoU {best.mean():.3f}  recall@0.5 {(best >= 0.5).mean():.3f}  recall@0.75 {(best >= 0.75).mean():.3f}"
-          f"  class right {np.mean(judged) if judged else float('nan'):.2f} (of {len(judged)})")
+          f"  class right {np.mean(judged) if judged else float('nan'):.2f} (of {len(judged)})"
+          f"  outside {np.nanmean(outside):.3f}  missed {np.nanmean(missed):.3f}")
     for category in coco.loadCats(sorted(set(classes.tolist()))):
-        selected = best[classes == category["id"]]
-        print(f"  {category['name']:10s} best IoU {selected.mean():.3f}  recall@0.75 {(selected >= 0.75).mean():.3f}")
+        selected = classes == category["id"]
+        print(f"  {category['name']:10s} best IoU {best[selected].mean():.3f}  recall@0.75 "
+              f"{(best[selected] >= 0.75).mean():.3f}  outside {np.nanmean(outside[selected]):.3f}"
+              f"  missed {np.nanmean(missed[selected]):.3f}")
 
 
 if __name__ == "__main__":

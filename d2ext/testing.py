@@ -183,7 +183,9 @@ def assert_masks_inside_expanded_boxes(instances, expand):
             continue
         for coords, lo, hi in ((xs, box[0], box[2]), (ys, box[1], box[3])):
             pad = max(float(expand * (hi - lo + 1)), 1.0)
-            assert coords.min() >= int(max(lo - pad, 0)) and coords.max() < hi + pad, (box, coords.min(), coords.max())
+            assert coords.min() >= int(max(lo - pad, 0)) and coords.max() < hi + pad, \
+                (box, coords.min(), coords.max())
+
 
 def map_records(cfg, records, is_train=True):
     """Map dataset records (Detectron2 dataset dicts, e.g. edited copies of a split's) with the mapper of

@@ -6,7 +6,8 @@ import numpy as np
 
 from d2ext.testing import REPO_ROOT
 
-_spec = importlib.util.spec_from_file_location("match_quality", os.path.join(REPO_ROOT, "benchmarks", "match_quality.py"))
+_SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "match_quality.py")
+_spec = importlib.util.spec_from_file_location("match_quality", _SCRIPT)
 match_quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(match_quality)
 

@@ -31,19 +31,27 @@ def image_match_quality(iou, gt_classes, det_classes, det_scores, class_iou=0.5)
         iou: (D, G) mask IoU of each detection with each ground-truth instance of one image.
         gt_classes (G,), det_classes (D,), det_scores (D,).
     Returns:
-        best_iou (G,) (0 without detections), and class_right (G,) of True / False, or None where no
-        detection reaches ``class_iou``.
+        best_iou (G,) (0 without detections), best_det (G,) the detection giving it (-1 without
+        detections), and class_right (G,) of True / False, or None where no detection reaches ``class_iou``.
     """
     num_gt = len(gt_classes)
     if len(det_classes) == 0:
-        return np.zeros(num_gt), [None] * num_gt
+        return np.zeros(num_gt), np.full(num_gt, -1), [None] * num_gt
     iou = np.asarray(iou).reshape(len(det_classes), num_gt)
+    best_det = iou.argmax(axis=0)
     best_iou = iou.max(axis=0)
     scores = np.where(iou >= class_iou, np.asarray(det_scores, dtype=np.float64)[:, None], -np.inf)
     top = scores.argmax(axis=0)
     matched = np.isfinite(scores.max(axis=0))
     class_right = [bool(det_classes[top[g]] == gt_classes[g]) if matched[g] else None for g in range(num_gt)]
-    return best_iou, class_right
+    return best_iou, best_det, class_right
+
+
+def area_errors(pred_mask, gt_mask):
+    """(H, W) bool masks -> (pixels of ``pred_mask`` outside ``gt_mask``, pixels of ``gt_mask`` it misses),
+    each as a fraction of ``gt_mask``'s area."""
+    area = gt_mask.sum()
+    return (pred_mask & ~gt_mask).sum() / area, (gt_mask & ~pred_mask).sum() / area
 
 
 def main():
@@ -75,20 +83,18 @@ def main():
         gt_rles = [coco.annToRLE(a) for a in annotations]
         iou = mask_util.iou([d["segmentation"] for d in dets], gt_rles, [0] * len(gt_rles)) if dets else []
         gt_classes = [a["category_id"] for a in annotations]
-        image_best, image_right = image_match_quality(
+        image_best, image_best_det, image_right = image_match_quality(
             iou, gt_classes, [d["category_id"] for d in dets], [d["score"] for d in dets])
         best.extend(image_best)
         right.extend(image_right)
         classes.extend(gt_classes)
-        for g, gt_rle in enumerate(gt_rles):
-            if image_best[g] < 0.5:
-                outside.append(np.nan)
-                missed.append(np.nan)
-                continue
-            gt_mask = mask_util.decode(gt_rle).astype(bool)
-            pred_mask = mask_util.decode(dets[int(np.argmax(iou[:, g]))]["segmentation"]).astype(bool)
-            outside.append((pred_mask & ~gt_mask).sum() / gt_mask.sum())
-            missed.append((gt_mask & ~pred_mask).sum() / gt_mask.sum())
+        for gt_rle, best_iou, best_det in zip(gt_rles, image_best, image_best_det):
+            errors = (np.nan, np.nan)
+            if best_iou >= 0.5:
+                errors = area_errors(mask_util.decode(dets[best_det]["segmentation"]).astype(bool),
+                                     mask_util.decode(gt_rle).astype(bool))
+            outside.append(errors[0])
+            missed.append(errors[1])
     best, classes, outside, missed = np.array(best), np.array(classes), np.array(outside), np.array(missed)
     judged = [r for r in right if r is not None]
     print(f"{args.results}\n{len(best)} instances in {len(coco.getImgIds())} images, "

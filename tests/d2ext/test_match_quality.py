@@ -1,4 +1,5 @@
-"""benchmarks/match_quality.py: per-instance best IoU and class of the top-scoring match, against loops."""
+"""benchmarks/match_quality.py: per-instance best IoU and class of the top-scoring match against loops, and
+the area errors of a hand-made pair of masks."""
 import importlib.util
 import os
 
@@ -13,15 +14,16 @@ _spec.loader.exec_module(match_quality)
 
 
 def _reference(iou, gt_classes, det_classes, det_scores):
-    best, right = [], []
+    best, best_det, right = [], [], []
     for g in range(len(gt_classes)):
         best.append(max([iou[d][g] for d in range(len(det_classes))], default=0.0))
+        best_det.append(next((d for d in range(len(det_classes)) if iou[d][g] == best[-1]), -1))
         top = None
         for d in range(len(det_classes)):
             if iou[d][g] >= 0.5 and (top is None or det_scores[d] > det_scores[top]):
                 top = d
         right.append(None if top is None else det_classes[top] == gt_classes[g])
-    return best, right
+    return best, best_det, right
 
 
 def test_image_match_quality_matches_loops():
@@ -31,15 +33,25 @@ def test_image_match_quality_matches_loops():
         gt_classes = rng.integers(1, 4, size=num_gt).tolist()
         det_classes = rng.integers(1, 4, size=num_det).tolist()
         det_scores = rng.uniform(0, 1, size=num_det).tolist()
-        best, right = match_quality.image_match_quality(iou, gt_classes, det_classes, det_scores)
-        ref_best, ref_right = _reference(iou, gt_classes, det_classes, det_scores)
-        assert np.allclose(best, ref_best) and right == ref_right
+        best, best_det, right = match_quality.image_match_quality(iou, gt_classes, det_classes, det_scores)
+        ref_best, ref_best_det, ref_right = _reference(iou, gt_classes, det_classes, det_scores)
+        assert np.allclose(best, ref_best) and best_det.tolist() == ref_best_det and right == ref_right
 
 
 def test_top_scoring_match_decides_the_class_and_no_detection_gives_none():
     # Instance 0 (class 1): the better-IoU detection has the wrong class but the lower score.
     iou = [[0.9, 0.0], [0.6, 0.3]]
-    best, right = match_quality.image_match_quality(iou, [1, 2], [2, 1], [0.2, 0.8])
-    assert best.tolist() == [0.9, 0.3] and right == [True, None]
-    best, right = match_quality.image_match_quality([], [1, 2], [], [])
-    assert best.tolist() == [0.0, 0.0] and right == [None, None]
+    best, best_det, right = match_quality.image_match_quality(iou, [1, 2], [2, 1], [0.2, 0.8])
+    assert best.tolist() == [0.9, 0.3] and best_det.tolist() == [0, 1] and right == [True, None]
+    best, best_det, right = match_quality.image_match_quality([], [1, 2], [], [])
+    assert best.tolist() == [0.0, 0.0] and best_det.tolist() == [-1, -1] and right == [None, None]
+
+
+def test_area_errors_of_a_shifted_square():
+    gt = np.zeros((10, 10), bool)
+    gt[2:6, 2:6] = True  # 16 px
+    pred = np.zeros((10, 10), bool)
+    pred[3:7, 2:6] = True  # one row down: 4 px outside, 4 px of gt missed
+    pred[0, 0] = True  # and one stray pixel
+    outside, missed = match_quality.area_errors(pred, gt)
+    assert (outside, missed) == (5 / 16, 4 / 16)

@@ -9,7 +9,9 @@ ignoring scores and classes first:
   one has the instance's class (what class-wise AP needs); over the instances that have such a detection;
 - ``outside`` / ``missed``: for the instances whose best IoU is >= 0.5, the best detection's pixels
   outside the instance, and the instance's pixels it misses, each as a fraction of the instance's area;
-- detections per image, and all of it per class.
+- detections per image, and all of it per class and for the instances whose box overlaps the box of
+  another instance of their class (crowded ones, where a box crop holds a neighbour of the same class)
+  vs the others.
 
     python benchmarks/match_quality.py output/quickstart/inference/synthetic_shapes_val/coco_instances_results.json
 """
@@ -47,6 +49,20 @@ def image_match_quality(iou, gt_classes, det_classes, det_scores, class_iou=0.5)
     return best_iou, best_det, class_right
 
 
+def has_same_class_neighbour(boxes, classes):
+    """(G, 4) XYWH boxes and (G,) classes of one image -> (G,) bool: whether the instance's box overlaps
+    (with a positive area) the box of another instance of its class."""
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    classes = np.asarray(classes)
+    x1, y1 = boxes[:, 0], boxes[:, 1]
+    x2, y2 = x1 + boxes[:, 2], y1 + boxes[:, 3]
+    overlap = ((np.minimum(x2[:, None], x2[None]) > np.maximum(x1[:, None], x1[None]))
+               & (np.minimum(y2[:, None], y2[None]) > np.maximum(y1[:, None], y1[None])))
+    same_class = classes[:, None] == classes[None]
+    np.fill_diagonal(overlap, False)
+    return (overlap & same_class).any(axis=1)
+
+
 def area_errors(pred_mask, gt_mask):
     """(H, W) bool masks -> (pixels of ``pred_mask`` outside ``gt_mask``, pixels of ``gt_mask`` it misses),
     each as a fraction of ``gt_mask``'s area."""
@@ -74,7 +90,7 @@ def main():
     for d in detections:
         by_image[d["image_id"]].append(d)
 
-    best, right, classes, outside, missed = [], [], [], [], []
+    best, right, classes, crowded, outside, missed = [], [], [], [], [], []
     for image_id in coco.getImgIds():
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
         if not annotations:
@@ -88,6 +104,7 @@ def main():
         best.extend(image_best)
         right.extend(image_right)
         classes.extend(gt_classes)
+        crowded.extend(has_same_class_neighbour([a["bbox"] for a in annotations], gt_classes))
         for gt_rle, best_iou, best_det in zip(gt_rles, image_best, image_best_det):
             errors = (np.nan, np.nan)
             if best_iou >= 0.5:
@@ -96,15 +113,19 @@ def main():
             outside.append(errors[0])
             missed.append(errors[1])
     best, classes, outside, missed = np.array(best), np.array(classes), np.array(outside), np.array(missed)
+    crowded = np.array(crowded, dtype=bool)
     judged = [r for r in right if r is not None]
     print(f"{args.results}\n{len(best)} instances in {len(coco.getImgIds())} images, "
           f"{len(detections) / max(len(coco.getImgIds()), 1):.1f} detections per image")
     print(f"best IoU {best.mean():.3f}  recall@0.5 {(best >= 0.5).mean():.3f}  recall@0.75 {(best >= 0.75).mean():.3f}"
           f"  class right {np.mean(judged) if judged else float('nan'):.2f} (of {len(judged)})"
           f"  outside {np.nanmean(outside):.3f}  missed {np.nanmean(missed):.3f}")
-    for category in coco.loadCats(sorted(set(classes.tolist()))):
-        selected = classes == category["id"]
-        print(f"  {category['name']:10s} best IoU {best[selected].mean():.3f}  recall@0.75 "
+    groups = [(category["name"], classes == category["id"]) for category in coco.loadCats(sorted(set(classes.tolist())))]
+    groups += [("crowded", crowded), ("not crowded", ~crowded)]
+    for name, selected in groups:
+        if not selected.any():
+            continue
+        print(f"  {name:11s} {selected.sum():4d} instances  best IoU {best[selected].mean():.3f}  recall@0.75 "
               f"{(best[selected] >= 0.75).mean():.3f}  outside {np.nanmean(outside[selected]):.3f}"
               f"  missed {np.nanmean(missed[selected]):.3f}")
 

@@ -77,4 +77,8 @@ def add_solo_config(cfg):
     cfg.MODEL.SOLOV2.MASK_CHANNELS = 128
     # Channels of the unified mask features (must equal NUM_KERNELS).
     cfg.MODEL.SOLOV2.NUM_MASKS = 256
+    # Not an AdelaiDet key. Stride of the predicted masks (training targets and inference): the mask
+    # features' stride (4 with P2, the reference), or a divisor of it; the masks' logits are then upsampled
+    # bilinearly by the ratio, as CondInst's MASK_OUT_STRIDE.
+    cfg.MODEL.SOLOV2.MASK_OUT_STRIDE = 4
     return cfg

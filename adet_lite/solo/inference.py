@@ -23,12 +23,12 @@ class GridInferenceParams:
     max_per_image: int
 
 
-def select_instances(category_scores, level_strides, cell_mask_probs, params):
+def select_instances(category_scores, level_min_areas, cell_mask_probs, params):
     """Instances of one image from its (point-NMS'ed) category grids.
 
     Args:
         category_scores: per level (C, S_l, S_l) probabilities.
-        level_strides: per level stride; a mask must cover more pixels (at mask resolution) than it.
+        level_min_areas: per level, the pixels (at mask resolution) a binary mask must exceed.
         cell_mask_probs: ``f(levels (K,), cells (K,)) -> (K, h, w)`` mask probabilities of the given
             cells, all at one resolution; called on the candidate cells, then again on the kept ones.
             Only those cells' masks are ever formed.
@@ -42,7 +42,7 @@ def select_instances(category_scores, level_strides, cell_mask_probs, params):
     cell_level = torch.cat([torch.full((s.shape[1] * s.shape[2],), i, dtype=torch.int64, device=device)
                             for i, s in enumerate(category_scores)])
     cell_in_level = torch.cat([torch.arange(s.shape[1] * s.shape[2], device=device) for s in category_scores])
-    strides = torch.as_tensor(level_strides, dtype=torch.float32, device=device)
+    min_areas = torch.as_tensor(level_min_areas, dtype=torch.float32, device=device)
 
     cell, classes = torch.nonzero(flat_scores > params.score_threshold, as_tuple=True)
     scores = flat_scores[cell, classes]
@@ -56,7 +56,7 @@ def select_instances(category_scores, level_strides, cell_mask_probs, params):
     # are only indexed from here on.
     maskness = masks.masked_fill_(~binary, 0.0).flatten(1).sum(dim=1) / areas.clamp(min=1.0)
     del masks
-    candidates = torch.nonzero(areas > strides[levels]).flatten()
+    candidates = torch.nonzero(areas > min_areas[levels]).flatten()
     ranked = stable_argsort(scores[candidates] * maskness[candidates], descending=True)[: params.nms_pre]
     candidates = candidates[ranked]
     scores = scores[candidates] * maskness[candidates]

@@ -26,6 +26,7 @@ from .targets import assign_grid_targets
 from .towers import resize_instance_levels
 
 SOLO_VARIANTS = ("SOLO", "DecoupledSOLO", "DecoupledSOLOLight")
+_AREA_FILTER_MASK_STRIDE = 4
 
 
 def _grid_options(node, node_name):
@@ -242,6 +243,9 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         if not torch.jit.is_tracing() and tuple(s * self.mask_stride for s in size) != padded_size:
             raise ValueError(f"{type(self).__name__}: masks of {tuple(size)} at stride {self.mask_stride} do not "
                              f"cover the padded input {padded_size}: check MODEL.FPN / the INSTANCE_STRIDES keys")
+        # The reference keeps masks with more pixels than their level's stride, counted on stride-4 masks:
+        # the same areas in pixels of this model's masks.
+        min_areas = [stride * (_AREA_FILTER_MASK_STRIDE / self.mask_stride) ** 2 for stride in self.instance_strides]
         results = []
         for image, (height, width) in enumerate(images.image_sizes):
 
@@ -254,7 +258,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
                 return masks
 
             masks, scores, classes = select_instances(
-                [s[image] for s in category_scores], self.instance_strides, cell_mask_probs, self.inference_params)
+                [s[image] for s in category_scores], min_areas, cell_mask_probs, self.inference_params)
             result = Instances((height, width))
             result.pred_masks = masks
             result.scores = scores
@@ -315,7 +319,10 @@ class SOLOv2(SOLO):
         if node.NUM_MASKS != node.NUM_KERNELS:
             raise ValueError(f"MODEL.SOLOV2.NUM_MASKS ({node.NUM_MASKS}) must equal NUM_KERNELS ({node.NUM_KERNELS}): "
                              "kernels are 1x1 convs over the mask features")
-        mask_stride = backbone.output_shape()[node.MASK_IN_FEATURES[0]].stride
+        feature_stride = backbone.output_shape()[node.MASK_IN_FEATURES[0]].stride
+        if node.MASK_OUT_STRIDE <= 0 or feature_stride % node.MASK_OUT_STRIDE:
+            raise ValueError(f"MODEL.SOLOV2.MASK_OUT_STRIDE must divide the stride {feature_stride} of "
+                             f"MASK_IN_FEATURES[0] ({node.MASK_IN_FEATURES[0]}), got {node.MASK_OUT_STRIDE}")
         kernel_branch = KernelBranch(
             in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
             norm=node.NORM, num_grids=node.NUM_GRIDS, num_kernels=node.NUM_KERNELS,
@@ -330,8 +337,9 @@ class SOLOv2(SOLO):
                 in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
                 norm=node.NORM, num_classes=node.NUM_CLASSES, num_grids=node.NUM_GRIDS, prior_prob=node.PRIOR_PROB),
             "mask_branch": SOLOv2MaskBranch(kernel_branch=kernel_branch, feature_branch=feature_branch,
-                                            mask_in_features=node.MASK_IN_FEATURES),
-            "mask_target_strides": [mask_stride] * len(node.NUM_GRIDS),
+                                            mask_in_features=node.MASK_IN_FEATURES,
+                                            upsample_factor=feature_stride // node.MASK_OUT_STRIDE),
+            "mask_target_strides": [node.MASK_OUT_STRIDE] * len(node.NUM_GRIDS),
             "deduplicate_cells": False,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,

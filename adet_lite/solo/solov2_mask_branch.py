@@ -66,11 +66,17 @@ class MaskFeatureBranch(nn.Module):
 class SOLOv2MaskBranch(nn.Module):
     """Mask of cell c of level l of an image: sigmoid(<kernel_l[c], mask features at each pixel>)."""
 
-    def __init__(self, *, kernel_branch, feature_branch, mask_in_features):
+    def __init__(self, *, kernel_branch, feature_branch, mask_in_features, upsample_factor=1):
+        """
+        Args:
+            upsample_factor: masks are predicted at this many times the mask features' resolution
+                (their logits upsampled bilinearly); 1 in the reference.
+        """
         super().__init__()
         self.kernel_branch = kernel_branch
         self.feature_branch = feature_branch
         self.mask_in_features = list(mask_in_features)
+        self.upsample_factor = upsample_factor
 
     def forward(self, level_features, features):
         """
@@ -86,12 +92,17 @@ class SOLOv2MaskBranch(nn.Module):
 
     def mask_sizes(self, outputs):
         kernels, mask_features = outputs
-        return [tuple(mask_features.shape[-2:])] * len(kernels)
+        height, width = mask_features.shape[-2:]
+        return [(height * self.upsample_factor, width * self.upsample_factor)] * len(kernels)
 
     def mask_probs(self, outputs, image, level, cells, size=None):
-        """(K,) cells -> (K, H, W) probabilities: dynamic 1x1 convs on the image's mask features."""
+        """(K,) cells -> (K, f * H, f * W) probabilities (f = ``upsample_factor``): dynamic 1x1 convs on
+        the image's (E, H, W) mask features."""
         kernels, mask_features = outputs
         cell_kernels = kernels[level][image].flatten(1)[:, cells].T  # (K, E)
         feats = mask_features[image]
         logits = (cell_kernels @ feats.flatten(1)).view(-1, *feats.shape[-2:])
+        if self.upsample_factor > 1:
+            logits = F.interpolate(logits[:, None], scale_factor=self.upsample_factor, mode="bilinear",
+                                   align_corners=False)[:, 0]
         return resize_masks(logits.sigmoid(), size)

@@ -21,6 +21,7 @@ VARIANTS = {
     "DecoupledSOLO": (SOLO_CFG, [*SMALL_SOLO, "MODEL.SOLO.VARIANT", "DecoupledSOLO"], "SOLO"),
     "DecoupledSOLOLight": (SOLO_CFG, [*SMALL_SOLO, "MODEL.SOLO.VARIANT", "DecoupledSOLOLight"], "SOLO"),
     "SOLOv2": (SOLOV2_CFG, SMALL_SOLOV2, "SOLOV2"),
+    "SOLOv2, stride-2 masks": (SOLOV2_CFG, [*SMALL_SOLOV2, "MODEL.SOLOV2.MASK_OUT_STRIDE", "2"], "SOLOV2"),
 }
 # Random weights give no detection at the released thresholds: accept every candidate.
 ACCEPT_ALL = ["SCORE_THR", "0.0", "MASK_THR", "0.00001", "UPDATE_THR", "0.0"]
@@ -114,6 +115,8 @@ def test_bad_config_values_are_named():
         build_tiny_model(_cfg("SOLOv2", ["MODEL.SOLOV2.NMS_TYPE", "soft"]))
     with pytest.raises(ValueError, match="INSTANCE_IN_CHANNELS"):
         build_tiny_model(_cfg("SOLOv2", ["MODEL.SOLOV2.INSTANCE_IN_CHANNELS", "64"]))
+    with pytest.raises(ValueError, match="MODEL.SOLOV2.MASK_OUT_STRIDE"):
+        build_tiny_model(_cfg("SOLOv2", ["MODEL.SOLOV2.MASK_OUT_STRIDE", "3"]))
 
 
 @pytest.mark.parametrize("variant", ["SOLOv2"])

@@ -7,6 +7,7 @@ import torch
 from adet_lite.solo import mask_nms, matrix_nms, point_nms
 from adet_lite.solo.losses import solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
+from adet_lite.solo.solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
 from adet_lite.solo.targets import assign_grid_targets
 
 
@@ -188,3 +189,50 @@ def test_decoupled_cell_mask_is_row_y_times_column_x(shared_tower):
         row, col = cell // 5, cell % 5
         expected = outputs[0][1][1, row].sigmoid() * outputs[0][0][1, col].sigmoid()
         assert torch.allclose(probs[k], expected)
+
+
+def _bilinear_x2_reference(x):
+    """(H, W) -> (2H, 2W), half-pixel centres (align_corners=False): output pixel k samples the input at
+    (k + 0.5) / 2 - 0.5, clamped to the border."""
+    height, width = x.shape
+    out = torch.zeros(2 * height, 2 * width)
+    for i in range(2 * height):
+        for j in range(2 * width):
+            u = min(max((i + 0.5) / 2 - 0.5, 0.0), height - 1)
+            v = min(max((j + 0.5) / 2 - 0.5, 0.0), width - 1)
+            i0, j0 = int(math.floor(u)), int(math.floor(v))
+            i1, j1 = min(i0 + 1, height - 1), min(j0 + 1, width - 1)
+            a, b = u - i0, v - j0
+            out[i, j] = ((1 - a) * (1 - b) * x[i0, j0] + (1 - a) * b * x[i0, j1]
+                         + a * (1 - b) * x[i1, j0] + a * b * x[i1, j1])
+    return out
+
+
+@pytest.mark.parametrize("upsample_factor", [1, 2])
+def test_solov2_cell_mask_is_its_kernel_applied_to_the_mask_features(upsample_factor):
+    torch.manual_seed(0)
+    num_kernels = 6
+    branch = SOLOv2MaskBranch(
+        kernel_branch=KernelBranch(in_channels=8, channels=8, num_convs=1, norm="", num_grids=[5, 3],
+                                   num_kernels=num_kernels, use_coordinates=True),
+        feature_branch=MaskFeatureBranch(in_channels=8, channels=8, out_channels=num_kernels, num_levels=2,
+                                         norm="", use_coordinates=True),
+        mask_in_features=["p2", "p3"], upsample_factor=upsample_factor)
+    for parameter in branch.parameters():  # the N(0, 0.01) initialisation gives logits of about 0
+        torch.nn.init.normal_(parameter, std=0.5)
+    features = {"p2": torch.randn(2, 8, 6, 8), "p3": torch.randn(2, 8, 3, 4)}
+    outputs = branch([torch.randn(2, 8, 6, 7), torch.randn(2, 8, 3, 4)], features)
+    kernels, mask_features = outputs
+    assert branch.mask_sizes(outputs) == [(6 * upsample_factor, 8 * upsample_factor)] * 2
+    cells = torch.tensor([0, 4, 8])
+    probs = branch.mask_probs(outputs, 1, 1, cells)
+    assert probs.shape == (3, 6 * upsample_factor, 8 * upsample_factor)
+    for k, cell in enumerate(cells.tolist()):
+        row, col = cell // 3, cell % 3
+        logits = torch.zeros(6, 8)
+        for y in range(6):
+            for x in range(8):
+                logits[y, x] = sum(kernels[1][1, e, row, col] * mask_features[1, e, y, x] for e in range(num_kernels))
+        if upsample_factor == 2:
+            logits = _bilinear_x2_reference(logits)
+        assert torch.allclose(probs[k], logits.sigmoid(), atol=1e-6)

@@ -55,3 +55,22 @@ def test_area_errors_of_a_shifted_square():
     pred[0, 0] = True  # and one stray pixel
     outside, missed = match_quality.area_errors(pred, gt)
     assert (outside, missed) == (5 / 16, 4 / 16)
+
+
+def test_same_class_neighbour_needs_overlapping_boxes_of_the_same_class():
+    boxes = [
+        [0, 0, 10, 10],   # overlaps box 1 (same class)
+        [5, 5, 10, 10],
+        [10, 0, 5, 5],    # touches box 0's edge only: no area in common
+        [20, 20, 10, 10],  # overlaps box 4, which has another class
+        [25, 25, 10, 10],
+    ]
+    classes = [1, 1, 1, 2, 3]
+    expected = []
+    for i, (x, y, w, h) in enumerate(boxes):
+        expected.append(any(
+            j != i and classes[j] == classes[i] and min(x + w, u + s) > max(x, u) and min(y + h, v + t) > max(y, v)
+            for j, (u, v, s, t) in enumerate(boxes)))
+    assert expected == [True, True, False, False, False]
+    assert match_quality.has_same_class_neighbour(boxes, classes).tolist() == expected
+    assert match_quality.has_same_class_neighbour([], []).tolist() == []

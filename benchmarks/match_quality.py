@@ -120,7 +120,8 @@ def main():
     print(f"best IoU {best.mean():.3f}  recall@0.5 {(best >= 0.5).mean():.3f}  recall@0.75 {(best >= 0.75).mean():.3f}"
           f"  class right {np.mean(judged) if judged else float('nan'):.2f} (of {len(judged)})"
           f"  outside {np.nanmean(outside):.3f}  missed {np.nanmean(missed):.3f}")
-    groups = [(category["name"], classes == category["id"]) for category in coco.loadCats(sorted(set(classes.tolist())))]
+    categories = coco.loadCats(sorted(set(classes.tolist())))
+    groups = [(category["name"], classes == category["id"]) for category in categories]
     groups += [("crowded", crowded), ("not crowded", ~crowded)]
     for name, selected in groups:
         if not selected.any():

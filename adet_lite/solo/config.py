@@ -55,7 +55,8 @@ def _add_grid_head_keys(node, instance_channels, num_instance_convs):
 
 
 def add_solo_config(cfg):
-    """Add MODEL.SOLO (SOLO, Decoupled SOLO, Decoupled SOLO Light) and MODEL.SOLOV2 (AdelaiDet's keys)."""
+    """Add MODEL.SOLO (SOLO, Decoupled SOLO, Decoupled SOLO Light) and MODEL.SOLOV2 (AdelaiDet's keys, plus
+    MASK_OUT_STRIDE)."""
     cfg.MODEL.SOLO = CN()
     # Mask branch: "SOLO" (S^2 masks), "DecoupledSOLO" (X / Y towers), "DecoupledSOLOLight" (one tower).
     cfg.MODEL.SOLO.VARIANT = "SOLO"

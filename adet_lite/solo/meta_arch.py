@@ -233,11 +233,12 @@ class SOLO(PixelNormalizationMixin, nn.Module):
     @torch.no_grad()
     def predict_instances(self, category_logits, mask_outputs, images):
         """Per image: ``Instances`` of the input size (before padding) with ``scores``, ``pred_classes``,
-        soft ``pred_masks`` (N, H/4, W/4) at stride 4 of the padded H x W input (:meth:`postprocess`
+        soft ``pred_masks`` (N, H/s, W/s) at the mask stride s (4; SOLOv2: ``MASK_OUT_STRIDE``) of the padded
+        H x W input (:meth:`postprocess`
         upsamples them, a few at a time: 100 masks at 800 x 1333 are 430 MB as float) and ``pred_boxes``
         of the binary masks, at the input size."""
         category_scores = [point_nms(x.sigmoid()) for x in category_logits]
-        # Every level's masks are compared at the finest level's mask resolution (stride 4).
+        # Every level's masks are compared at the finest level's mask resolution.
         size = self.mask_branch.mask_sizes(mask_outputs)[0]
         padded_size = tuple(images.tensor.shape[-2:])
         if not torch.jit.is_tracing() and tuple(s * self.mask_stride for s in size) != padded_size:
@@ -271,7 +272,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         return results
 
     def input_size_masks(self, masks, image_size):
-        """Stride-4 soft masks over the padded input (:meth:`predict_instances`) -> (N, h, w) over the
+        """Soft masks at the mask stride over the padded input (:meth:`predict_instances`) -> (N, h, w) over the
         input image of ``image_size``: upsampled to the padded input, then cropped (as the reference)."""
         padded_size = (masks.shape[-2] * self.mask_stride, masks.shape[-1] * self.mask_stride)
         upsampled = F.interpolate(masks[:, None], size=padded_size, mode="bilinear", align_corners=False)

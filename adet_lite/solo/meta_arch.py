@@ -233,10 +233,9 @@ class SOLO(PixelNormalizationMixin, nn.Module):
     @torch.no_grad()
     def predict_instances(self, category_logits, mask_outputs, images):
         """Per image: ``Instances`` of the input size (before padding) with ``scores``, ``pred_classes``,
-        soft ``pred_masks`` (N, H/s, W/s) at the mask stride s (4; SOLOv2: ``MASK_OUT_STRIDE``) of the padded
-        H x W input (:meth:`postprocess`
-        upsamples them, a few at a time: 100 masks at 800 x 1333 are 430 MB as float) and ``pred_boxes``
-        of the binary masks, at the input size."""
+        soft ``pred_masks`` (N, H/s, W/s) at the mask stride s (4; SOLOv2: ``MASK_OUT_STRIDE``) of the
+        padded H x W input (:meth:`postprocess` upsamples them, a few at a time: 100 masks at 800 x 1333
+        are 430 MB as float) and ``pred_boxes`` of the binary masks, at the input size."""
         category_scores = [point_nms(x.sigmoid()) for x in category_logits]
         # Every level's masks are compared at the finest level's mask resolution.
         size = self.mask_branch.mask_sizes(mask_outputs)[0]

@@ -119,6 +119,25 @@ def test_bad_config_values_are_named():
         build_tiny_model(_cfg("SOLOv2", ["MODEL.SOLOV2.MASK_OUT_STRIDE", "3"]))
 
 
+def test_area_filter_counts_pixels_of_stride_4_masks_at_any_mask_stride(monkeypatch):
+    import adet_lite.solo.meta_arch as meta_arch
+
+    min_areas = []
+
+    def select_and_record(category_scores, level_min_areas, *args):
+        min_areas.append(list(level_min_areas))
+        return select_instances(category_scores, level_min_areas, *args)
+
+    select_instances = meta_arch.select_instances
+    monkeypatch.setattr(meta_arch, "select_instances", select_and_record)
+    for mask_stride, pixels_per_stride_4_pixel in ((4, 1), (2, 4)):
+        cfg = _cfg("SOLOv2", ["MODEL.SOLOV2.MASK_OUT_STRIDE", str(mask_stride)])
+        model = build_tiny_model(cfg).eval()
+        with torch.no_grad():
+            model(dataset_batch(cfg, indices=(0,), is_train=False))
+        assert min_areas[-1] == [s * pixels_per_stride_4_pixel for s in model.instance_strides]
+
+
 @pytest.mark.parametrize("variant", ["SOLOv2"])
 def test_checkpoint_round_trip(variant, tmp_path):
     cfg = _cfg(variant, _accept_all(variant))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adet_lite.solo import mask_nms, matrix_nms, point_nms
+from adet_lite.solo.inference import GridInferenceParams, select_instances
 from adet_lite.solo.losses import solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
 from adet_lite.solo.solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
@@ -236,3 +237,25 @@ def test_solov2_cell_mask_is_its_kernel_applied_to_the_mask_features(upsample_fa
         if upsample_factor == 2:
             logits = _bilinear_x2_reference(logits)
         assert torch.allclose(probs[k], logits.sigmoid(), atol=1e-6)
+
+
+def test_select_instances_keeps_masks_larger_than_their_levels_minimum_area():
+    # Two levels of 2 x 2 cells, one class; cells 0 and 1 of each level are candidates.
+    scores = [torch.tensor([[[0.9, 0.8], [0.0, 0.0]]]), torch.tensor([[[0.7, 0.6], [0.0, 0.0]]])]
+    areas = {(0, 0): 9, (0, 1): 8, (1, 0): 30, (1, 1): 12}  # (level, cell) -> mask pixels
+
+    def cell_mask_probs(levels, cells):
+        masks = torch.zeros(len(cells), 8, 8)
+        for k, (level, cell) in enumerate(zip(levels.tolist(), cells.tolist())):
+            masks[k].view(-1)[: areas[(level, cell)]] = 0.9
+            masks[k].view(-1)[-1] = 0.3  # below the mask threshold: not part of the area
+        return masks
+
+    params = GridInferenceParams(score_threshold=0.1, mask_threshold=0.5, nms_pre=10, nms_type="matrix",
+                                 nms_kernel="gaussian", nms_sigma=2.0, mask_nms_threshold=0.5,
+                                 update_threshold=0.0, max_per_image=10)
+    # Strictly more pixels than the minimum: level 0 keeps 9 > 8 but not 8; level 1 keeps 30 > 12 only.
+    kept_areas = [areas[key] for key in areas if areas[key] > (8, 12)[key[0]]]
+    masks, kept_scores, classes = select_instances(scores, [8, 12], cell_mask_probs, params)
+    assert sorted((masks > 0.5).flatten(1).sum(dim=1).tolist()) == sorted(kept_areas) == [9, 30]
+    assert classes.tolist() == [0, 0]

@@ -173,6 +173,26 @@ def assert_instance_predictions(instances, height, width):
     assert_prediction_fields(instances, height, width)
 
 
+def bilinear_resize_reference(x, size):
+    """Loop reference of a bilinear resize with half-pixel centres (``align_corners=False``): (H, W) ->
+    ``size`` = (h, w); output pixel p samples the input at (p + 0.5) * H / h - 0.5, clamped to the map."""
+    height, width = x.shape
+
+    def source(p, extent, out_extent):
+        s = min(max((p + 0.5) * extent / out_extent - 0.5, 0.0), extent - 1)
+        i0 = int(s)
+        return i0, min(i0 + 1, extent - 1), s - i0
+
+    out = torch.zeros(size)
+    for p in range(size[0]):
+        i0, i1, a = source(p, height, size[0])
+        for q in range(size[1]):
+            j0, j1, b = source(q, width, size[1])
+            out[p, q] = ((1 - a) * (1 - b) * x[i0, j0] + (1 - a) * b * x[i0, j1]
+                         + a * (1 - b) * x[i1, j0] + a * b * x[i1, j1])
+    return out
+
+
 def assert_masks_inside_expanded_boxes(instances, expand):
     """Every ``pred_masks`` lies inside its ``pred_boxes`` grown by ``expand`` x (size + 1) per side, at
     least 1 px (RDSNet's test crop), on both axes; the low side is compared after flooring, for the

@@ -11,8 +11,8 @@ from adet_lite.blendmask import Blender, blend, blender_mask_loss
 from adet_lite.blendmask.basis_module import ProtoNet
 from adet_lite.blendmask.blendmask import thing_semantic_targets
 from d2ext.testing import (
-    assert_checkpoint_round_trip, assert_instance_predictions, assert_losses_fall, build_tiny_model, config_path, dataset_batch, loss_history,
-    predict, tiny_cfg, train_step)
+    assert_checkpoint_round_trip, assert_instance_predictions, assert_losses_fall, bilinear_resize_reference, build_tiny_model,
+    config_path, dataset_batch, loss_history, predict, tiny_cfg, train_step)
 
 
 BLENDMASK_YAML = config_path("quickstart/blendmask_R18_synthetic.yaml")
@@ -52,25 +52,6 @@ def _roi_align_v2(feature, box, scale, size):
                           for j in range(size)] for i in range(size)])
 
 
-def _resize_half_pixel(attn, size):
-    """Bilinear resize of an (M, M) map to (size, size), half-pixel centres (align_corners=False)."""
-    m = attn.shape[0]
-
-    def source(p):
-        s = max((p + 0.5) * m / size - 0.5, 0.0)
-        i0 = min(int(math.floor(s)), m - 1)
-        return i0, min(i0 + 1, m - 1), s - i0
-
-    out = torch.zeros(size, size)
-    for p in range(size):
-        a0, a1, la = source(p)
-        for q in range(size):
-            b0, b1, lb = source(q)
-            out[p, q] = ((1 - la) * (1 - lb) * attn[a0, b0] + (1 - la) * lb * attn[a0, b1]
-                         + la * (1 - lb) * attn[a1, b0] + la * lb * attn[a1, b1])
-    return out
-
-
 def _loop_blend(bases, image_of_box, boxes, attns, num_bases, attn_size, resolution, scale):
     """Each instance on its own: crop every basis, resize every attention, softmax over the bases at
     each pixel, weighted sum."""
@@ -78,7 +59,7 @@ def _loop_blend(bases, image_of_box, boxes, attns, num_bases, attn_size, resolut
     for n in range(len(boxes)):
         crops = [_roi_align_v2(bases[image_of_box[n], k], boxes[n], scale, resolution) for k in range(num_bases)]
         maps = attns[n].reshape(num_bases, attn_size, attn_size)
-        resized = torch.stack([_resize_half_pixel(maps[k], resolution) for k in range(num_bases)])
+        resized = torch.stack([bilinear_resize_reference(maps[k], (resolution, resolution)) for k in range(num_bases)])
         weights = resized.exp() / resized.exp().sum(dim=0, keepdim=True)
         masks.append(sum(weights[k] * crops[k] for k in range(num_bases)))
     return torch.stack(masks)

@@ -10,6 +10,7 @@ from adet_lite.solo.losses import solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
 from adet_lite.solo.solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
 from adet_lite.solo.targets import assign_grid_targets
+from d2ext.testing import bilinear_resize_reference
 
 
 def _iou(a, b):
@@ -192,23 +193,6 @@ def test_decoupled_cell_mask_is_row_y_times_column_x(shared_tower):
         assert torch.allclose(probs[k], expected)
 
 
-def _bilinear_x2_reference(x):
-    """(H, W) -> (2H, 2W), half-pixel centres (align_corners=False): output pixel k samples the input at
-    (k + 0.5) / 2 - 0.5, clamped to the border."""
-    height, width = x.shape
-    out = torch.zeros(2 * height, 2 * width)
-    for i in range(2 * height):
-        for j in range(2 * width):
-            u = min(max((i + 0.5) / 2 - 0.5, 0.0), height - 1)
-            v = min(max((j + 0.5) / 2 - 0.5, 0.0), width - 1)
-            i0, j0 = int(math.floor(u)), int(math.floor(v))
-            i1, j1 = min(i0 + 1, height - 1), min(j0 + 1, width - 1)
-            a, b = u - i0, v - j0
-            out[i, j] = ((1 - a) * (1 - b) * x[i0, j0] + (1 - a) * b * x[i0, j1]
-                         + a * (1 - b) * x[i1, j0] + a * b * x[i1, j1])
-    return out
-
-
 @pytest.mark.parametrize("upsample_factor", [1, 2])
 def test_solov2_cell_mask_is_its_kernel_applied_to_the_mask_features(upsample_factor):
     torch.manual_seed(0)
@@ -235,7 +219,7 @@ def test_solov2_cell_mask_is_its_kernel_applied_to_the_mask_features(upsample_fa
             for x in range(8):
                 logits[y, x] = sum(kernels[1][1, e, row, col] * mask_features[1, e, y, x] for e in range(num_kernels))
         if upsample_factor == 2:
-            logits = _bilinear_x2_reference(logits)
+            logits = bilinear_resize_reference(logits, (6 * upsample_factor, 8 * upsample_factor))
         assert torch.allclose(probs[k], logits.sigmoid(), atol=1e-6)
 
 

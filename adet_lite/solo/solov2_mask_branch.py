@@ -92,8 +92,11 @@ class SOLOv2MaskBranch(nn.Module):
 
     def mask_sizes(self, outputs):
         kernels, mask_features = outputs
+        return [self._mask_size(mask_features)] * len(kernels)
+
+    def _mask_size(self, mask_features):
         height, width = mask_features.shape[-2:]
-        return [(height * self.upsample_factor, width * self.upsample_factor)] * len(kernels)
+        return height * self.upsample_factor, width * self.upsample_factor
 
     def mask_probs(self, outputs, image, level, cells, size=None):
         """(K,) cells -> (K, f * H, f * W) probabilities (f = ``upsample_factor``): dynamic 1x1 convs on
@@ -102,7 +105,5 @@ class SOLOv2MaskBranch(nn.Module):
         cell_kernels = kernels[level][image].flatten(1)[:, cells].T  # (K, E)
         feats = mask_features[image]
         logits = (cell_kernels @ feats.flatten(1)).view(-1, *feats.shape[-2:])
-        if self.upsample_factor > 1:
-            logits = F.interpolate(logits[:, None], scale_factor=self.upsample_factor, mode="bilinear",
-                                   align_corners=False)[:, 0]
+        logits = resize_masks(logits, self._mask_size(feats))
         return resize_masks(logits.sigmoid(), size)

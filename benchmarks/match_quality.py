@@ -22,6 +22,9 @@ import sys
 from collections import defaultdict
 
 import numpy as np
+import torch
+from detectron2.structures import Boxes, BoxMode
+from detectron2.structures.boxes import pairwise_intersection  # not re-exported by v0.6's detectron2.structures
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -52,15 +55,11 @@ def image_match_quality(iou, gt_classes, det_classes, det_scores, class_iou=0.5)
 def has_same_class_neighbour(boxes, classes):
     """(G, 4) XYWH boxes and (G,) classes of one image -> (G,) bool: whether the instance's box overlaps
     (with a positive area) the box of another instance of its class."""
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    classes = np.asarray(classes)
-    x1, y1 = boxes[:, 0], boxes[:, 1]
-    x2, y2 = x1 + boxes[:, 2], y1 + boxes[:, 3]
-    overlap = ((np.minimum(x2[:, None], x2[None]) > np.maximum(x1[:, None], x1[None]))
-               & (np.minimum(y2[:, None], y2[None]) > np.maximum(y1[:, None], y1[None])))
-    same_class = classes[:, None] == classes[None]
-    np.fill_diagonal(overlap, False)
-    return (overlap & same_class).any(axis=1)
+    boxes = Boxes(BoxMode.convert(torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+                                  BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+    overlap = (pairwise_intersection(boxes, boxes) > 0).fill_diagonal_(False)
+    classes = torch.as_tensor(classes)
+    return (overlap & (classes[:, None] == classes[None])).any(dim=1).numpy()
 
 
 def area_errors(pred_mask, gt_mask):

@@ -235,7 +235,7 @@ class RDSNetMasks:
         masks = cat(binary) if binary else torch.zeros((0, out_h, out_w), dtype=torch.bool, device=device)
         profiles = cat_profiles(profile_chunks, output_size, device)
         if refine:
-            boxes = Boxes(self.mbrm.refine(profiles[0], profiles[1], boxes.tensor))
+            boxes = Boxes(self.mbrm.refine_detections(profiles[0], profiles[1], boxes.tensor))
         result = Instances(output_size, pred_boxes=boxes, scores=detections.scores,
                            pred_classes=detections.pred_classes, pred_masks=masks)
         return result, (profiles if keep_profiles else None)

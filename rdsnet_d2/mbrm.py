@@ -93,7 +93,7 @@ class MBRM(nn.Module):
         Returns:
             (N, 4) refined boxes (integer edge positions as floats).
         """
-        self._check_boxes(boxes, masks.shape[0] if masks.dim() == 3 else None)
+        self._check_boxes(boxes, masks.shape[0] if masks.dim() == 3 else None, finite=False)
         x_profiles, y_profiles = self.profiles(masks)
         return self.refine(x_profiles, y_profiles, boxes)
 
@@ -101,12 +101,21 @@ class MBRM(nn.Module):
         """Same as ``forward`` from precomputed profiles: x (N, W), y (N, H). Lets callers keep only
         the profiles of large soft masks (bounded memory)."""
         self._check_boxes(boxes, x_profiles.shape[0])
+        return self.refine_detections(x_profiles, y_profiles, boxes)
+
+    def refine_detections(self, x_profiles, y_profiles, boxes):
+        """``refine`` for a detector's own boxes, which are finite: it skips the check for inf / nan,
+        whose device-to-host read would stall a GPU's queue of mask work at the end of inference."""
+        self._check_boxes(boxes, x_profiles.shape[0], finite=False)
         if boxes.shape[0] == 0:
             return boxes.clone()
-        x1, y1, x2, y2 = boxes.float().unbind(dim=1)
-        x1n, x2n = self._refine_axis(x_profiles, x1, x2)
-        y1n, y2n = self._refine_axis(y_profiles, y1, y2)
-        return torch.stack([x1n, y1n, x2n, y2n], dim=1).to(boxes.dtype)
+        log_posterior, regressed = self._log_posterior(x_profiles, y_profiles, boxes.float())
+        best = log_posterior.argmax(dim=2).to(regressed.dtype)  # first maximum, as the official argmax
+        # A fully truncated prior (sigma so large that its peak density is below the cutoff) gives
+        # no posterior: keep the regressed side.
+        reachable = torch.isfinite(log_posterior.amax(dim=2))
+        x_sides, y_sides = torch.where(reachable, best, regressed).chunk(2)  # (N, 2): (x1, x2), (y1, y2)
+        return torch.stack([x_sides[:, 0], y_sides[:, 0], x_sides[:, 1], y_sides[:, 1]], dim=1).to(boxes.dtype)
 
     def loss(self, x_profiles, y_profiles, boxes, gt_boxes):
         """The paper's training loss: cross-entropy of the posterior over edge positions against the
@@ -121,56 +130,62 @@ class MBRM(nn.Module):
         """
         self._check_boxes(boxes, x_profiles.shape[0])
         self._check_boxes(gt_boxes, x_profiles.shape[0])
-        terms = []
-        for profiles, lo, hi, gt_lo, gt_hi in (
-            (x_profiles, boxes[:, 0], boxes[:, 2], gt_boxes[:, 0], gt_boxes[:, 2]),
-            (y_profiles, boxes[:, 1], boxes[:, 3], gt_boxes[:, 1], gt_boxes[:, 3]),
-        ):
-            if profiles.shape[0] == 0:
-                continue
-            log_posterior = F.log_softmax(self._log_posterior(profiles, lo.float(), hi.float()), dim=2)
-            length = profiles.shape[1]
-            targets = torch.stack([gt_lo, gt_hi], dim=1).float().round().clamp(0, length).long()
-            picked = log_posterior.gather(2, targets[..., None])[..., 0]  # (N, 2)
-            terms.append(-picked[torch.isfinite(picked)])
-        nll = torch.cat(terms) if terms else self.weight.new_zeros(0)
+        no_loss = (self.weight.sum() + self.bias.sum()) * 0.0
+        if boxes.shape[0] == 0:
+            return no_loss
+        log_posterior, _ = self._log_posterior(x_profiles, y_profiles, boxes.float())
+        log_posterior = F.log_softmax(log_posterior, dim=2)
+        gt_x_sides, gt_y_sides = self._sides(gt_boxes.float()).round().chunk(2)
+        targets = torch.cat([gt_x_sides.clamp(0, x_profiles.shape[1]), gt_y_sides.clamp(0, y_profiles.shape[1])]).long()
+        picked = log_posterior.gather(2, targets[..., None])[..., 0]  # (2N, 2)
+        nll = -picked[torch.isfinite(picked)]
         if nll.numel() == 0:
-            return (self.weight.sum() + self.bias.sum()) * 0.0
+            return no_loss
         return nll.mean()
 
-    def _check_boxes(self, boxes, num_masks):
+    def _check_boxes(self, boxes, num_masks, finite=True):
         if boxes.dim() != 2 or boxes.shape[1] != 4:
             raise ValueError(f"MBRM: boxes must be (N, 4), got shape {tuple(boxes.shape)}")
         if num_masks is not None and boxes.shape[0] != num_masks:
             raise ValueError(f"MBRM: {boxes.shape[0]} boxes but {num_masks} masks")
-        if not torch.isfinite(boxes).all():
+        if finite and not torch.isfinite(boxes).all():
             raise ValueError("MBRM: boxes contain inf or nan")
 
-    def _refine_axis(self, profiles, lo, hi):
-        log_posterior = self._log_posterior(profiles, lo, hi)  # (N, 2, L + 1)
-        best = log_posterior.argmax(dim=2).to(lo.dtype)  # first maximum, as the official argmax
-        # A fully truncated prior (sigma so large that its peak density is below the cutoff) gives
-        # no posterior: keep the regressed side.
-        reachable = torch.isfinite(log_posterior.amax(dim=2))
-        regressed = torch.stack([lo, hi], dim=1)
-        refined = torch.where(reachable, best, regressed)
-        return refined[:, 0], refined[:, 1]
+    @staticmethod
+    def _sides(boxes):
+        """(N, 4) XYXY -> (2N, 2): rows 0..N-1 the (x1, x2) of each box, rows N..2N-1 its (y1, y2)."""
+        return torch.cat([boxes[:, 0::2], boxes[:, 1::2]])
 
-    def _log_posterior(self, profiles, lo, hi):
-        """Unnormalised log posterior (N, 2, L + 1) of the low (left/top) and high (right/bottom)
-        edge over positions 0..L; -inf where the truncated prior is 0."""
-        if profiles.dim() != 2:
-            raise ValueError(f"MBRM: profiles must be (N, L), got shape {tuple(profiles.shape)}")
-        length = profiles.shape[1]
-        padded_input = profiles.float()[:, None]
+    def _log_posterior(self, x_profiles, y_profiles, boxes):
+        """Unnormalised log posterior of the low (left/top) and high (right/bottom) edge over positions
+        0..L, both axes in one batch (fewer, larger ops: at inference MBRM is bound by op count).
+
+        Args:
+            x_profiles (N, W), y_profiles (N, H); boxes (N, 4) float.
+        Returns:
+            log posterior (2N, 2, max(W, H) + 1), rows as :meth:`_sides`, -inf where the truncated prior
+            is 0 and past the row's axis end; and the regressed sides (2N, 2).
+        """
+        for name, profiles in (("x", x_profiles), ("y", y_profiles)):
+            if profiles.dim() != 2 or profiles.shape[0] != boxes.shape[0]:
+                raise ValueError(f"MBRM: {name} profiles must be ({boxes.shape[0]}, L), got shape "
+                                 f"{tuple(profiles.shape)}")
+        num_boxes, width, height = boxes.shape[0], x_profiles.shape[1], y_profiles.shape[1]
+        length = max(width, height)
+        # Columns past an axis' end are zeros, i.e. background, as the convolution's padding reads them.
+        profiles = torch.cat([F.pad(x_profiles.float(), (0, length - width)),
+                              F.pad(y_profiles.float(), (0, length - height))])[:, None]
+        kernels = torch.cat([self.weight, self.weight.flip(-1)])  # (2, 1, 2s+1): low, high edge detector
         pad = self.kernel_half_size + 1  # one more than 'same': the edges at 0 and L need columns -1 and L
-        low_response = F.conv1d(padded_input, self.weight, self.bias, padding=pad)[:, 0, : length + 1]
-        high_response = F.conv1d(padded_input, self.weight.flip(-1), self.bias, padding=pad)[:, 0, 1:]
-        log_likelihood = F.logsigmoid(torch.stack([low_response, high_response], dim=1))
+        response = F.conv1d(profiles, kernels, self.bias.expand(2), padding=pad)  # (2N, 2, L + 2)
+        # Edge e is scored at column e - 1 (low) and at column e (high); output index j is column j - 1.
+        log_likelihood = F.logsigmoid(torch.stack([response[:, 0, : length + 1], response[:, 1, 1:]], dim=1))
 
-        positions = torch.arange(length + 1, device=profiles.device, dtype=torch.float32)
-        sigma = (self.gamma * (hi - lo)).clamp(min=1.0)[:, None, None]  # (N, 1, 1)
-        centres = torch.stack([lo, hi], dim=1)[..., None]  # (N, 2, 1)
-        density = torch.exp(-0.5 * ((positions - centres) / sigma) ** 2) / (math.sqrt(2 * math.pi) * sigma)
-        log_prior = torch.where(density > self.prior_cutoff, density.log(), torch.full_like(density, -math.inf))
-        return log_likelihood + log_prior
+        sides = self._sides(boxes)
+        positions = torch.arange(length + 1, device=boxes.device, dtype=torch.float32)
+        sigma = (self.gamma * (sides[:, 1] - sides[:, 0])).clamp(min=1.0)[:, None, None]  # (2N, 1, 1)
+        density = torch.exp(-0.5 * ((positions - sides[..., None]) / sigma) ** 2) / (math.sqrt(2 * math.pi) * sigma)
+        axis_ends = torch.full((2 * num_boxes, 1, 1), width, device=boxes.device, dtype=torch.float32)
+        axis_ends[num_boxes:] = height
+        possible = (density > self.prior_cutoff) & (positions <= axis_ends)
+        return log_likelihood + torch.where(possible, density.log(), -math.inf), sides

@@ -72,7 +72,7 @@ def refine_instances_with_mbrm(mbrm, instances, soft_masks):
 
 def _with_refined_boxes(mbrm, instances, x_profiles, y_profiles):
     refined = Instances(instances.image_size, **instances.get_fields())
-    refined.pred_boxes = Boxes(mbrm.refine(x_profiles, y_profiles, instances.pred_boxes.tensor))
+    refined.pred_boxes = Boxes(mbrm.refine_detections(x_profiles, y_profiles, instances.pred_boxes.tensor))
     return refined
 
 

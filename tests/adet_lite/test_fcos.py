@@ -4,11 +4,12 @@ import math
 import pytest
 import torch
 import torchvision
-from detectron2.layers import ShapeSpec
+from detectron2.layers import ShapeSpec, batched_nms
 from detectron2.structures import Boxes, Instances
 
+from adet_lite.fcos import inference as fcos_inference
 from adet_lite.fcos.head import top_feats_at_locations, top_feats_conv
-from adet_lite.fcos.inference import fcos_inference_single_image
+from adet_lite.fcos.inference import fcos_inference_single_image, nms_of_highest
 from adet_lite.fcos.losses import fcos_losses
 from adet_lite.fcos.targets import (
     centerness_targets, compute_locations, fcos_targets_single_image, level_size_ranges)
@@ -230,6 +231,49 @@ def test_inference_matches_loop_reference(thresh_with_ctr):
     assert torch.allclose(result.pred_boxes.tensor, torch.tensor([item[1] for item in kept]), atol=1e-4)
     assert result.pred_classes.tolist() == [item[2] for item in kept]
     assert result.fpn_levels.tolist() == [item[3] for item in kept]
+
+
+def _greedy_nms_loop(boxes, scores, classes, iou_threshold):
+    """Class-aware greedy NMS, one box at a time: survivors by decreasing score."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+        return w * h / (area(a) + area(b) - w * h)
+
+    kept = []
+    for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+        if all(classes[k] != classes[i] or iou(boxes[k], boxes[i]) <= iou_threshold for k in kept):
+            kept.append(i)
+    return kept
+
+
+@pytest.mark.parametrize("duplicated_top", [False, True])
+def test_nms_of_highest_keeps_the_top_survivors_of_nms_over_all(duplicated_top, monkeypatch):
+    """NMS over the highest-scoring candidates first gives the top survivors of greedy NMS over all of them;
+    when the highest-scoring candidates suppress each other (``duplicated_top``: the 40 best are copies
+    of one box), too few survive there and NMS must run over all of them."""
+    torch.manual_seed(3)
+    corners = torch.rand(300, 2) * 200
+    boxes = torch.cat([corners, corners + 10 + torch.rand(300, 2) * 60], dim=1)
+    scores = torch.rand(300)
+    classes = torch.randint(0, 3, (300,))
+    if duplicated_top:
+        top = scores.topk(40).indices
+        boxes[top], classes[top] = boxes[top[0]].clone(), classes[top[0]].clone()
+    expected = _greedy_nms_loop(boxes.tolist(), scores.tolist(), classes.tolist(), 0.5)[:20]
+    assert len(expected) == 20
+    nms_sizes = []
+
+    def recording_nms(boxes, *args):
+        nms_sizes.append(len(boxes))
+        return batched_nms(boxes, *args)
+
+    monkeypatch.setattr(fcos_inference, "batched_nms", recording_nms)
+    keep = nms_of_highest(boxes, scores, classes, 0.5, max_detections=20, first=50)
+    assert keep[:20].tolist() == expected
+    assert nms_sizes == ([50, 300] if duplicated_top else [50])
+    assert scores[keep].tolist() == sorted(scores[keep].tolist(), reverse=True)
 
 
 def test_yaml_builds_and_head_exposes_box_towers():

@@ -10,11 +10,14 @@ CUDA) belongs to that measurement alone. Models are randomly initialised (no dow
 keeps few detections at its configured score threshold, so the baseline runs with
 ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 0`` (as in the other benchmarks; its mask head then runs on its
 detections) and --opts should lower the compared configs' thresholds likewise; the table shows the
-detections per image that each inference time includes.
+detections per image that each inference time includes. Inference is also timed with all the models in
+one process, run alternately (--iters rounds): the median per-round ratio to the baseline is the steadier
+comparison where the machine's speed drifts between processes.
 """
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import sys
 
 import torch
@@ -25,7 +28,8 @@ BASELINE = "detectron2 mask_rcnn_R_50_FPN_1x"
 BASELINE_OPTS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
 
 
-def _measure_in_process(config_file, opts, mode, args, queue, prepare_model):
+def _config(config_file, opts, args):
+    """The config of one measured model: Detectron2's baseline (``config_file`` None) or ``config_file`` + ``opts``."""
     import d2ext  # noqa: F401  (datasets)
     from d2ext import benchmark
     from d2ext.engine import setup_cfg
@@ -35,21 +39,52 @@ def _measure_in_process(config_file, opts, mode, args, queue, prepare_model):
     if config_file is None:
         cfg = benchmark.baseline_cfg()
         cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *BASELINE_OPTS])
-    else:
-        cfg = setup_cfg(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *opts], freeze=False)
+        return cfg
+    return setup_cfg(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *opts], freeze=False)
+
+
+def _measure_in_process(config_file, opts, mode, args, prepare_model, queue):
+    from d2ext import benchmark
+
+    cfg = _config(config_file, opts, args)
     batch = benchmark.synthetic_batch(cfg, args.batch_size, args.size[0], args.size[1])
     queue.put(benchmark.measure(cfg, mode, batch, args.warmup, args.iters, prepare_model))
 
 
-def measure_isolated(config_file, opts, mode, args, prepare_model=None):
+def _interleaved_in_process(models, args, queue):
+    from d2ext import benchmark
+
+    steps = []
+    for _, config_file, opts, *prepare_model in models:
+        cfg = _config(config_file, opts, args)
+        batch = benchmark.synthetic_batch(cfg, args.batch_size, args.size[0], args.size[1])
+        steps.append(benchmark.model_step(cfg, "inference", batch, *prepare_model))
+    queue.put(benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters))
+
+
+def _run_in_spawned_process(target, args, what):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure_in_process, args=(config_file, opts, mode, args, queue, prepare_model))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
-        raise RuntimeError(f"measuring {config_file or BASELINE} ({mode}) failed (exit {proc.exitcode})")
+        raise RuntimeError(f"measuring {what} failed (exit {proc.exitcode})")
     return queue.get()
+
+
+def measure_isolated(config_file, opts, mode, args, prepare_model=None):
+    return _run_in_spawned_process(_measure_in_process, (config_file, opts, mode, args, prepare_model),
+                                   f"{config_file or BASELINE} ({mode})")
+
+
+def interleaved_inference_ratios(models, args):
+    """All ``models`` (as :func:`measure_and_report`'s; the first is the baseline) built in one process and
+    run alternately for ``args.iters`` rounds (``d2ext.benchmark.interleaved_seconds``): per model after the
+    first, its per-round inference time ratios to the first model's. Steadier than the ratio of two
+    processes' medians on a machine whose speed drifts (a lent GPU machine's host CPU, at batch 1)."""
+    seconds = _run_in_spawned_process(_interleaved_in_process, (models, args), "the models alternately")
+    return [[t / b for t, b in zip(times, seconds[0])] for times in seconds[1:]]
 
 
 def add_measurement_arguments(parser, default_modes):
@@ -73,7 +108,9 @@ def measure_and_report(models, args, baseline_name):
             model in the measuring process (a module-level function, so that it pickles).
         args: parsed ``add_measurement_arguments`` options.
     Returns:
-        the table's rows: dicts with name, mode, seconds, memory_mb, detections (per image; None in training).
+        the table's rows: dicts with name, mode, seconds, memory_mb, detections (per image; None in training)
+        and, for inference rows after the first model, paired_ratio: the median per-round ratio to the first
+        model with the two run alternately in one process (:func:`interleaved_inference_ratios`).
     """
     from d2ext.benchmark import command_line, format_table, machine_description
 
@@ -89,6 +126,14 @@ def measure_and_report(models, args, baseline_name):
     print(f"input: {args.size[0]}x{args.size[1]} (height x width, exact), batch {args.batch_size}, "
           f"median of {args.iters} after {args.warmup} warm-up")
     print(format_table(rows, baseline_name))
+    if "inference" in args.modes and len(models) > 1:
+        print(f"Inference alternating with {baseline_name} in one process, {args.iters} rounds after {args.warmup}:")
+        for (name, *_), ratios in zip(models[1:], interleaved_inference_ratios(models, args)):
+            median = statistics.median(ratios)
+            for row in rows:
+                if row["name"] == name and row["mode"] == "inference":
+                    row["paired_ratio"] = median
+            print(f"- {name}: median per-round ratio {median:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
     return rows
 
 

@@ -173,8 +173,8 @@ class MBRM(nn.Module):
         num_boxes, width, height = boxes.shape[0], x_profiles.shape[1], y_profiles.shape[1]
         length = max(width, height)
         # Columns past an axis' end are zeros, i.e. background, as the convolution's padding reads them.
-        profiles = torch.cat([F.pad(x_profiles.float(), (0, length - width)),
-                              F.pad(y_profiles.float(), (0, length - height))])[:, None]
+        profiles = torch.cat([p.float() if p.shape[1] == length else F.pad(p.float(), (0, length - p.shape[1]))
+                              for p in (x_profiles, y_profiles)])[:, None]
         kernels = torch.cat([self.weight, self.weight.flip(-1)])  # (2, 1, 2s+1): low, high edge detector
         pad = self.kernel_half_size + 1  # one more than 'same': the edges at 0 and L need columns -1 and L
         response = F.conv1d(profiles, kernels, self.bias.expand(2), padding=pad)  # (2N, 2, L + 2)
@@ -185,7 +185,7 @@ class MBRM(nn.Module):
         positions = torch.arange(length + 1, device=boxes.device, dtype=torch.float32)
         sigma = (self.gamma * (sides[:, 1] - sides[:, 0])).clamp(min=1.0)[:, None, None]  # (2N, 1, 1)
         density = torch.exp(-0.5 * ((positions - sides[..., None]) / sigma) ** 2) / (math.sqrt(2 * math.pi) * sigma)
-        axis_ends = torch.full((2 * num_boxes, 1, 1), width, device=boxes.device, dtype=torch.float32)
-        axis_ends[num_boxes:] = height
-        possible = (density > self.prior_cutoff) & (positions <= axis_ends)
-        return log_likelihood + torch.where(possible, density.log(), -math.inf), sides
+        log_prior = torch.where(density > self.prior_cutoff, density.log(), -math.inf)
+        for rows, end in ((slice(None, num_boxes), width), (slice(num_boxes, None), height)):
+            log_prior[rows, :, end + 1:] = -math.inf  # past the axis' end (an empty slice for the longer axis)
+        return log_likelihood + log_prior, sides

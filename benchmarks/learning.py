@@ -27,6 +27,7 @@ MODELS = [
     ("blendmask_stride2", "configs/quickstart/blendmask_R18_synthetic_stride2.yaml"),
     ("solo", "configs/quickstart/solo_R18_FPN_synthetic.yaml"),
     ("solov2", "configs/quickstart/solov2_R18_FPN_synthetic.yaml"),
+    ("solov2_bn_stride2", "configs/quickstart/solov2_R18_FPN_synthetic_bn_stride2.yaml"),
     ("rdsnet", "configs/quickstart/rdsnet_R18_FPN_synthetic.yaml"),
     ("rdsnet_stride2", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2.yaml"),
     ("rdsnet_fcos", "configs/quickstart/rdsnet_fcos_R18_synthetic.yaml"),

@@ -11,8 +11,8 @@ the score threshold at 0 so that all post-processing runs at full load (100 dete
 Each model runs in its own process, so that a peak (RSS on CPU, max allocated on CUDA) is its own.
 Latency: median over --iters runs on one image after --warmup; memory: peak after the first and after
 the last of --images different images (built-in synthetic shapes resized to --size). MBRM's extra time
-is also measured with each pair's two models in one process, run alternately (--iters rounds), whose
-median per-round ratio is steadier than the ratio of two processes' medians.
+and RDSNet / RetinaNet are also measured with each pair's two models in one process, run alternately
+(--iters rounds), whose median per-round ratio is steadier than the ratio of two processes' medians.
 """
 import argparse
 import multiprocessing as mp
@@ -42,8 +42,15 @@ MODELS = {
     "mask_rcnn_R_50_FPN_1x + MBRM": (MASK_RCNN_CONFIG, ["MODEL.META_ARCHITECTURE", "GeneralizedRCNNWithMBRM",
                                                          "MODEL.MBRM.ENABLED", "True"]),
 }
-MBRM_PAIRS = [("rdsnet_R_50_FPN_1x", "rdsnet_R_50_FPN_1x_refine (MBRM)"),
-              ("detectron2 mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x + MBRM")]
+# (label, first model, second model): timed alternately in one process as well; the label's quantity is
+# the median per-round ratio of the second model's time to the first's.
+PAIRS = [("RDSNet / RetinaNet time", BASELINE, "rdsnet_R_50_FPN_1x"),
+         ("MBRM extra time", "rdsnet_R_50_FPN_1x", "rdsnet_R_50_FPN_1x_refine (MBRM)"),
+         ("MBRM extra time", "detectron2 mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x + MBRM")]
+
+
+def _format_ratio(label, ratio):
+    return f"{100 * (ratio - 1):+.1f} %" if label == "MBRM extra time" else f"{ratio:.2f}x"
 
 
 def _config_file(config):
@@ -89,7 +96,7 @@ def measure_model(name, args):
 
 
 def measure_pair_alternately(plain, refined, args):
-    """In a fresh process: the per-round ratios (refined / plain seconds) of the two models of an MBRM pair
+    """In a fresh process: the per-round ratios (refined / plain seconds) of the two models of a pair
     run alternately on one image (``interleaved_seconds``), so that the machine's drift falls on both."""
     from d2ext import benchmark
 
@@ -142,13 +149,13 @@ def main():
         print(f"| {name} | {peaks[0]:.0f} | {peaks[middle]:.0f} | {peaks[-1]:.0f} | {peaks[-1] - peaks[0]:+.0f} | "
               f"{peaks[-1] - peaks[middle]:+.0f} |")
     print()
-    for plain, refined in MBRM_PAIRS:
-        if plain in results and refined in results:
-            extra = results[refined][0] / results[plain][0] - 1
+    for label, first, second in PAIRS:
+        if first in results and second in results:
+            separate = results[second][0] / results[first][0]
             with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
-                ratios = pool.submit(measure_pair_alternately, plain, refined, args).result()
-            print(f"MBRM extra time, {refined} vs {plain}: {100 * extra:+.1f} % (medians of separate processes); "
-                  f"{100 * (statistics.median(ratios) - 1):+.1f} % (median of {len(ratios)} per-round ratios, "
+                ratios = pool.submit(measure_pair_alternately, first, second, args).result()
+            print(f"{label}, {second} vs {first}: {_format_ratio(label, separate)} (medians of separate processes); "
+                  f"{_format_ratio(label, statistics.median(ratios))} (median of {len(ratios)} per-round ratios, "
                   f"the two run alternately in one process)")
 
 

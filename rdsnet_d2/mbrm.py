@@ -158,7 +158,7 @@ class MBRM(nn.Module):
 
     def _log_posterior(self, x_profiles, y_profiles, boxes):
         """Unnormalised log posterior of the low (left/top) and high (right/bottom) edge over positions
-        0..L, both axes in one batch (fewer, larger ops: at inference MBRM is bound by op count).
+        0..L, both axes in one batch (fewer, larger ops: on a GPU, MBRM at inference is bound by op count).
 
         Args:
             x_profiles (N, W), y_profiles (N, H); boxes (N, 4) float.

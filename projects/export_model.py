@@ -22,6 +22,7 @@ from detectron2.data import build_detection_test_loader, detection_utils
 from detectron2.data import transforms as T
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from d2ext import export
@@ -90,6 +91,8 @@ def main(args):
     check_method(args.export_method, args.format)
     cfg = setup_cfg(args.config_file, args.opts)
     os.makedirs(args.output, exist_ok=True)
+    # As training does (Detectron2's default_setup): a randomly initialised model is then the same in every run.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
         DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)

@@ -66,8 +66,8 @@ def whole_model_rows(args):
     rows = []
     for mode in args.modes:
         steps = [benchmark.model_step(plain_cfg, mode, batch), benchmark.model_step(nl_cfg, mode, batch)]
-        plain, nl = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
-        ratios = [n / p for p, n in zip(plain, nl)]
+        times = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
+        (plain, nl), (ratios,) = times, benchmark.per_round_ratios(times)
         rows.append((mode, statistics.median(plain), statistics.median(nl), statistics.median(ratios)))
     return rows
 
@@ -87,8 +87,8 @@ def heads_rows(args):
         features = plain_model.backbone(images.tensor)
         proposals, _ = plain_model.proposal_generator(images, features, None)
         steps = [lambda model=model: model.roi_heads(images, features, proposals) for model in models]
-        plain, nl = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
-    ratios = [n / p for p, n in zip(plain, nl)]
+        times = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
+    (plain, nl), (ratios,) = times, benchmark.per_round_ratios(times)
     return [("inference", statistics.median(plain), statistics.median(nl), statistics.median(ratios))]
 
 

@@ -42,15 +42,15 @@ MODELS = {
     "mask_rcnn_R_50_FPN_1x + MBRM": (MASK_RCNN_CONFIG, ["MODEL.META_ARCHITECTURE", "GeneralizedRCNNWithMBRM",
                                                          "MODEL.MBRM.ENABLED", "True"]),
 }
-# (label, first model, second model): timed alternately in one process as well; the label's quantity is
-# the median per-round ratio of the second model's time to the first's.
-PAIRS = [("RDSNet / RetinaNet time", BASELINE, "rdsnet_R_50_FPN_1x"),
-         ("MBRM extra time", "rdsnet_R_50_FPN_1x", "rdsnet_R_50_FPN_1x_refine (MBRM)"),
-         ("MBRM extra time", "detectron2 mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x + MBRM")]
+# (label, first model, second model, as a percentage): timed alternately in one process as well; the
+# label's quantity is the second model's time over the first's (as a percentage: the extra time).
+PAIRS = [("RDSNet / RetinaNet time", BASELINE, "rdsnet_R_50_FPN_1x", False),
+         ("MBRM extra time", "rdsnet_R_50_FPN_1x", "rdsnet_R_50_FPN_1x_refine (MBRM)", True),
+         ("MBRM extra time", "detectron2 mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x + MBRM", True)]
 
 
-def _format_ratio(label, ratio):
-    return f"{100 * (ratio - 1):+.1f} %" if label == "MBRM extra time" else f"{ratio:.2f}x"
+def _format_ratio(ratio, as_percentage):
+    return f"{100 * (ratio - 1):+.1f} %" if as_percentage else f"{ratio:.2f}x"
 
 
 def _config_file(config):
@@ -107,8 +107,8 @@ def measure_pair_alternately(plain, refined, args):
         model, image = _model_and_images(name, args, 1)
         steps.append(lambda model=model, image=image: model(image))
     with torch.no_grad():
-        plain_seconds, refined_seconds = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
-    return [r / p for p, r in zip(plain_seconds, refined_seconds)]
+        times = benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters)
+    return benchmark.per_round_ratios(times)[0]
 
 
 def main():
@@ -149,13 +149,14 @@ def main():
         print(f"| {name} | {peaks[0]:.0f} | {peaks[middle]:.0f} | {peaks[-1]:.0f} | {peaks[-1] - peaks[0]:+.0f} | "
               f"{peaks[-1] - peaks[middle]:+.0f} |")
     print()
-    for label, first, second in PAIRS:
+    for label, first, second, as_percentage in PAIRS:
         if first in results and second in results:
             separate = results[second][0] / results[first][0]
             with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
                 ratios = pool.submit(measure_pair_alternately, first, second, args).result()
-            print(f"{label}, {second} vs {first}: {_format_ratio(label, separate)} (medians of separate processes); "
-                  f"{_format_ratio(label, statistics.median(ratios))} (median of {len(ratios)} per-round ratios, "
+            paired = statistics.median(ratios)
+            print(f"{label}, {second} vs {first}: {_format_ratio(separate, as_percentage)} (medians of separate "
+                  f"processes); {_format_ratio(paired, as_percentage)} (median of {len(ratios)} per-round ratios, "
                   f"the two run alternately in one process)")
 
 

@@ -34,8 +34,6 @@ def _config(config_file, opts, args):
     from d2ext import benchmark
     from d2ext.engine import setup_cfg
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if config_file is None:
         cfg = benchmark.baseline_cfg()
         cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *BASELINE_OPTS])
@@ -43,15 +41,15 @@ def _config(config_file, opts, args):
     return setup_cfg(config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device, *opts], freeze=False)
 
 
-def _measure_in_process(config_file, opts, mode, args, prepare_model, queue):
+def _measure(config_file, opts, mode, args, prepare_model):
     from d2ext import benchmark
 
     cfg = _config(config_file, opts, args)
     batch = benchmark.synthetic_batch(cfg, args.batch_size, args.size[0], args.size[1])
-    queue.put(benchmark.measure(cfg, mode, batch, args.warmup, args.iters, prepare_model))
+    return benchmark.measure(cfg, mode, batch, args.warmup, args.iters, prepare_model)
 
 
-def _interleaved_in_process(models, args, queue):
+def _interleaved_ratios(models, args):
     from d2ext import benchmark
 
     steps = []
@@ -59,13 +57,20 @@ def _interleaved_in_process(models, args, queue):
         cfg = _config(config_file, opts, args)
         batch = benchmark.synthetic_batch(cfg, args.batch_size, args.size[0], args.size[1])
         steps.append(benchmark.model_step(cfg, "inference", batch, *prepare_model))
-    queue.put(benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters))
+    return benchmark.per_round_ratios(benchmark.interleaved_seconds(steps, args.device, args.warmup, args.iters))
 
 
-def _run_in_spawned_process(target, args, what):
+def _in_child(target, target_args, threads, queue):
+    if threads:
+        torch.set_num_threads(threads)
+    queue.put(target(*target_args))
+
+
+def _run_in_spawned_process(target, target_args, args, what):
+    """``target(*target_args)`` in a fresh process with ``args.threads`` torch threads."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
+    proc = ctx.Process(target=_in_child, args=(target, target_args, args.threads, queue))
     proc.start()
     proc.join()
     if proc.exitcode != 0:
@@ -74,7 +79,7 @@ def _run_in_spawned_process(target, args, what):
 
 
 def measure_isolated(config_file, opts, mode, args, prepare_model=None):
-    return _run_in_spawned_process(_measure_in_process, (config_file, opts, mode, args, prepare_model),
+    return _run_in_spawned_process(_measure, (config_file, opts, mode, args, prepare_model), args,
                                    f"{config_file or BASELINE} ({mode})")
 
 
@@ -83,8 +88,7 @@ def interleaved_inference_ratios(models, args):
     run alternately for ``args.iters`` rounds (``d2ext.benchmark.interleaved_seconds``): per model after the
     first, its per-round inference time ratios to the first model's. Steadier than the ratio of two
     processes' medians on a machine whose speed drifts (a lent GPU machine's host CPU, at batch 1)."""
-    seconds = _run_in_spawned_process(_interleaved_in_process, (models, args), "the models alternately")
-    return [[t / b for t, b in zip(times, seconds[0])] for times in seconds[1:]]
+    return _run_in_spawned_process(_interleaved_ratios, (models, args), args, "the models alternately")
 
 
 def add_measurement_arguments(parser, default_modes):

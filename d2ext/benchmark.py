@@ -187,6 +187,12 @@ def interleaved_seconds(steps, device, warmup, iters):
     return times
 
 
+def per_round_ratios(times):
+    """:func:`interleaved_seconds`'s result -> for each step after the first, its time in each round divided
+    by the first step's time in the same round (both measured under that round's conditions)."""
+    return [[t / b for t, b in zip(step_times, times[0])] for step_times in times[1:]]
+
+
 def format_table(rows, baseline_name):
     """rows: dicts with name, mode, seconds, memory_mb and optionally detections (a list per image: a column
     then shows them); ratios against the baseline row of each mode."""

@@ -41,3 +41,11 @@ def test_model_step_prepares_the_built_model_once():
     step()
     (model,) = prepared
     assert model.roi_heads.box_predictor.cls_score.weight.abs().sum() == 0
+
+
+def test_per_round_ratios_divide_each_round_by_the_first_steps_time_in_that_round():
+    from d2ext.benchmark import per_round_ratios
+
+    times = [[1.0, 2.0, 4.0], [1.5, 2.0, 2.0], [3.0, 1.0, 8.0]]
+    assert per_round_ratios(times) == [[1.5, 1.0, 0.5], [3.0, 0.5, 2.0]]
+    assert per_round_ratios([[1.0, 2.0]]) == []

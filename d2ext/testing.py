@@ -173,6 +173,15 @@ def assert_instance_predictions(instances, height, width):
     assert_prediction_fields(instances, height, width)
 
 
+def box_iou_reference(a, b):
+    """IoU of two XYXY boxes given as sequences of 4 numbers, by hand (0 when the union is empty)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def bilinear_resize_reference(x, size):
     """Loop reference of a bilinear resize with half-pixel centres (``align_corners=False``): (H, W) ->
     ``size`` = (h, w); output pixel p samples the input at (p + 0.5) * H / h - 0.5, clamped to the map."""

@@ -14,7 +14,8 @@ from adet_lite.fcos.losses import fcos_losses
 from adet_lite.fcos.targets import (
     centerness_targets, compute_locations, fcos_targets_single_image, level_size_ranges)
 from d2ext.testing import (
-    assert_checkpoint_round_trip, build_tiny_model, config_path, dataset_batch, overfit, predict, tiny_cfg, train_step)
+    assert_checkpoint_round_trip, box_iou_reference, build_tiny_model, config_path, dataset_batch, overfit, predict,
+    tiny_cfg, train_step)
 
 
 FCOS_YAML = config_path("quickstart/fcos_R18_synthetic.yaml")
@@ -235,15 +236,9 @@ def test_inference_matches_loop_reference(thresh_with_ctr):
 
 def _greedy_nms_loop(boxes, scores, classes, iou_threshold):
     """Class-aware greedy NMS, one box at a time: survivors by decreasing score."""
-    def iou(a, b):
-        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-        area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-        return w * h / (area(a) + area(b) - w * h)
-
     kept = []
     for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
-        if all(classes[k] != classes[i] or iou(boxes[k], boxes[i]) <= iou_threshold for k in kept):
+        if all(classes[k] != classes[i] or box_iou_reference(boxes[k], boxes[i]) <= iou_threshold for k in kept):
             kept.append(i)
     return kept
 

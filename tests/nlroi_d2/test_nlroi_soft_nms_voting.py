@@ -4,15 +4,8 @@ import math
 import pytest
 import torch
 
+from d2ext.testing import box_iou_reference
 from nlroi_d2 import batched_soft_nms, box_voting, soft_nms
-
-
-def iou(a, b):
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def reference_soft_nms(boxes, scores, method, sigma, nt, floor):
@@ -24,7 +17,7 @@ def reference_soft_nms(boxes, scores, method, sigma, nt, floor):
         dets[i], dets[best] = dets[best], dets[i]
         pos = i + 1
         while pos < n:
-            ov = iou(dets[i][0], dets[pos][0])
+            ov = box_iou_reference(dets[i][0], dets[pos][0])
             if method == "linear":
                 weight = 1 - ov if ov > nt else 1.0
             elif method == "gaussian":
@@ -107,7 +100,8 @@ def reference_box_voting(kept_boxes, kept_scores, all_boxes, all_scores, thresh,
     """Detectron1's box_voting, one kept box at a time."""
     out_boxes, out_scores = [], []
     for box, score in zip(kept_boxes, kept_scores):
-        voters = [(b, s, iou(box, b)) for b, s in zip(all_boxes, all_scores) if iou(box, b) >= thresh]
+        voters = [(b, s, box_iou_reference(box, b)) for b, s in zip(all_boxes, all_scores)
+                  if box_iou_reference(box, b) >= thresh]
         ws = [s for _, s, _ in voters]
         out_boxes.append([sum(s * b[c] for b, s, _ in voters) / sum(ws) for c in range(4)])
         if method == "ID":

@@ -212,11 +212,12 @@ def test_loss_matches_reference():
     # An unreachable GT side (outside the truncated prior) is left out, not infinite.
     far_gt = torch.tensor([[0.0, 4.0, 21.0, 16.0]])
     assert torch.isfinite(mbrm.loss(x_prof, y_prof, box, far_gt))
-    # A GT side past the image (here the bottom of the shorter axis) is clamped to the border position.
+    # A GT side past the image (here the bottom of the shorter axis, H = 24) is clamped to the border position.
     border_box = torch.tensor([[7.0, 3.0, 20.0, 22.5]])
     beyond = mbrm.loss(x_prof, y_prof, border_box, torch.tensor([[6.0, 4.0, 21.0, 27.0]]))
-    at_border = mbrm.loss(x_prof, y_prof, border_box, torch.tensor([[6.0, 4.0, 21.0, 24.0]]))
-    assert torch.isfinite(beyond) and beyond.item() == pytest.approx(at_border.item())
+    expected = (side_nll(xp, 7.0, 13.0, 6, True) + side_nll(xp, 20.0, 13.0, 21, False)
+                + side_nll(yp, 3.0, 19.5, 4, True) + side_nll(yp, 22.5, 19.5, 24, False)) / 4
+    assert beyond.item() == pytest.approx(expected, rel=1e-4)
     # Nothing to train on: zero, with a gradient path.
     empty = mbrm.loss(torch.zeros(0, 32), torch.zeros(0, 24), torch.zeros(0, 4), torch.zeros(0, 4))
     assert empty.item() == 0.0 and empty.requires_grad

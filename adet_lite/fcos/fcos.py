@@ -126,15 +126,15 @@ class FCOS(nn.Module):
 
         Returns:
             dict with ``logits`` (N, R, C), ``box_reg`` (N, R, 4) in stride units, ``quality`` (N, R),
-            ``top_feats`` (N, R, K) or None (``top_module`` on the box towers; at inference a 3x3 conv
-            ``top_module`` is not run here but kept as ``top_module`` for :meth:`inference`, which runs it
-            at the detections' locations only), ``box_towers`` (list of
+            ``top_feats`` (N, R, K) or None (``top_module`` on the box towers; a 3x3 conv ``top_module``
+            is not run here but kept as ``top_module`` for :meth:`losses` and :meth:`inference`, which run
+            it at the positive locations and at the detections only), ``box_towers`` (list of
             per-level (N, D, Hl, Wl)), ``locations`` (R, 2), ``fpn_levels`` (R,), ``location_strides`` (R,),
             ``num_locations`` (per level); R = locations of all levels.
         """
         level_features = [features[f] for f in self.in_features]
         logits, box_reg, quality, box_towers = self.fcos_head(level_features)
-        sparse_top = top_module is not None and not self.training and is_top_feats_conv(top_module)
+        sparse_top = top_module is not None and is_top_feats_conv(top_module)
         locations, fpn_levels, location_strides = [], [], []
         for level, (feature, stride) in enumerate(zip(level_features, self.strides)):
             points = compute_locations(feature.shape[-2], feature.shape[-1], stride, feature.device)
@@ -226,6 +226,9 @@ class FCOS(nn.Module):
         positives.reg_targets = reg_targets[im_inds, loc_inds]
         if predictions["top_feats"] is not None:
             positives.top_feats = predictions["top_feats"][im_inds, loc_inds]
+        elif predictions["top_module"] is not None:
+            positives.top_feats = top_feats_at_locations(predictions["top_module"], predictions["box_towers"], im_inds,
+                                                         positives.fpn_levels, positives.locations, self.strides)
         return losses, positives
 
     def inference(self, predictions, image_sizes):
@@ -244,7 +247,8 @@ class FCOS(nn.Module):
                 topk_candidates=self.topk_candidates[self.training], nms_thresh=self.nms_thresh,
                 max_detections=self.max_detections[self.training], thresh_with_ctr=self.thresh_with_ctr)
             if top_module is not None:
-                result.top_feat = top_feats_at_locations(top_module, [t[i] for t in predictions["box_towers"]],
-                                                         result.fpn_levels, result.locations, self.strides)
+                result.top_feat = top_feats_at_locations(top_module, predictions["box_towers"],
+                                                         torch.full_like(result.fpn_levels, i), result.fpn_levels,
+                                                         result.locations, self.strides)
             results.append(result)
         return results

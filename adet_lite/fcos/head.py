@@ -46,14 +46,17 @@ def is_top_feats_conv(module):
             and module.padding_mode == "zeros")
 
 
-def top_feats_at_locations(conv, box_towers: List[torch.Tensor], fpn_levels, locations, strides: List[int]):
-    """The output of a :func:`top_feats_conv` at a few FCOS locations of one image, without the dense map:
-    at inference only the detections need it (BlendMask's top layer has 784 channels on every location).
-    Equal to ``conv(box_towers[level][None])`` read at each location (up to float summation order).
+def top_feats_at_locations(conv, box_towers: List[torch.Tensor], image_inds, fpn_levels, locations,
+                           strides: List[int]):
+    """The output of a :func:`top_feats_conv` at a few FCOS locations, without the dense map: training needs
+    it at the positive locations only and inference at the detections' (BlendMask's top layer has 784
+    channels on every location). Equal to ``conv(box_towers[level])[image, :, row, col]`` at each location
+    (up to float summation order), gradients included.
 
     Args:
         conv: a conv for which :func:`is_top_feats_conv` holds.
-        box_towers: per level, (D, Hl, Wl) box-tower features of the image.
+        box_towers: per level, (N, D, Hl, Wl) box-tower features of the batch.
+        image_inds: (n,) each location's image in the batch.
         fpn_levels: (n,) each location's level.
         locations: (n, 2) (x, y) image coordinates, ``stride * index + stride // 2`` (``compute_locations``).
         strides: per level, its stride.
@@ -68,9 +71,10 @@ def top_feats_at_locations(conv, box_towers: List[torch.Tensor], fpn_levels, loc
         cols, rows = ((locations[inds] - stride // 2) / stride).round().long().unbind(dim=1)
         # Padded by 1, the conv's 3x3 window at (row, col) covers padded rows row..row + 2, columns col..col + 2.
         padded = F.pad(tower, (1, 1, 1, 1))
-        patches = padded[:, rows[:, None, None] + window[None, :, None], cols[:, None, None] + window[None, None, :]]
+        patches = padded[image_inds[inds, None, None], :, rows[:, None, None] + window[None, :, None],
+                         cols[:, None, None] + window[None, None, :]]  # (n_level, 3, 3, D)
         # index_copy, not ``out[inds] = ...``: traced, the latter fixes the row count of the traced image.
-        out = out.index_copy(0, inds, patches.transpose(0, 1).flatten(1) @ weight.T + conv.bias)
+        out = out.index_copy(0, inds, patches.permute(0, 3, 1, 2).flatten(1) @ weight.T + conv.bias)
     return out
 
 

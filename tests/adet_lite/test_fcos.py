@@ -284,29 +284,56 @@ def test_yaml_builds_and_head_exposes_box_towers():
 
 
 def test_top_feats_at_locations_match_a_per_location_loop():
-    """The top conv at a few locations (corners and edges included) == a loop over its 3x3 window."""
+    """The top conv at a few locations of two images (corners and edges included) == a loop over its 3x3
+    window."""
     torch.manual_seed(0)
     conv = top_feats_conv({"p3": ShapeSpec(channels=5, stride=8), "p4": ShapeSpec(channels=5, stride=16)}, 7)
     torch.nn.init.normal_(conv.bias)
-    towers = [torch.randn(5, 6, 9), torch.randn(5, 3, 5)]
+    towers = [torch.randn(2, 5, 6, 9), torch.randn(2, 5, 3, 5)]
     strides = [8, 16]
-    cells = [(0, 0, 0), (0, 5, 8), (0, 2, 4), (1, 0, 4), (1, 2, 0), (1, 1, 2), (0, 5, 0)]  # (level, row, col)
-    levels = torch.tensor([c[0] for c in cells])
-    locations = torch.tensor([[c[2] * strides[c[0]] + strides[c[0]] // 2, c[1] * strides[c[0]] + strides[c[0]] // 2]
+    # (image, level, row, col)
+    cells = [(0, 0, 0, 0), (1, 0, 5, 8), (0, 0, 2, 4), (1, 1, 0, 4), (0, 1, 2, 0), (1, 1, 1, 2), (1, 0, 5, 0)]
+    images = torch.tensor([c[0] for c in cells])
+    levels = torch.tensor([c[1] for c in cells])
+    locations = torch.tensor([[c[3] * strides[c[1]] + strides[c[1]] // 2, c[2] * strides[c[1]] + strides[c[1]] // 2]
                               for c in cells], dtype=torch.float32)
     with torch.no_grad():
-        got = top_feats_at_locations(conv, towers, levels, locations, strides)
-    for i, (level, row, col) in enumerate(cells):
-        tower = towers[level]
+        got = top_feats_at_locations(conv, towers, images, levels, locations, strides)
+    for i, (image, level, row, col) in enumerate(cells):
+        tower = towers[level][image]
         for k in range(7):
-            total = float(conv.bias[k])
+            total = conv.bias[k].item()
             for dy in (-1, 0, 1):
                 for dx in (-1, 0, 1):
                     y, x = row + dy, col + dx
                     if 0 <= y < tower.shape[1] and 0 <= x < tower.shape[2]:
-                        total += float((conv.weight[k, :, dy + 1, dx + 1] * tower[:, y, x]).sum())
+                        total += (conv.weight[k, :, dy + 1, dx + 1] * tower[:, y, x]).sum().item()
             assert float(got[i, k]) == pytest.approx(total, abs=1e-5)
-    assert top_feats_at_locations(conv, towers, levels[:0], locations[:0], strides).shape == (0, 7)
+    assert top_feats_at_locations(conv, towers, images[:0], levels[:0], locations[:0], strides).shape == (0, 7)
+
+
+def test_training_runs_the_top_conv_at_the_positives_only():
+    """In training the positives' top features and the gradients they send back equal the dense conv's."""
+    cfg = tiny_cfg(FCOS_YAML, SMALL_INPUT)
+    model = build_tiny_model(cfg).train()
+    conv = top_feats_conv(model.backbone.output_shape(), 11)
+    torch.nn.init.normal_(conv.weight)
+    fcos = model.proposal_generator
+    gt = [Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 12.0, 70.0, 80.0], [50.0, 8.0, 120.0, 60.0]])),
+                    gt_classes=torch.tensor([1, 2])),
+          Instances((96, 128), gt_boxes=Boxes(torch.tensor([[30.0, 20.0, 90.0, 90.0]])), gt_classes=torch.tensor([0]))]
+    features = model.backbone(torch.randn(2, 3, 96, 128))
+    sparse = fcos.predict(features, conv)
+    assert sparse["top_feats"] is None
+    _, sparse_positives = fcos.losses(sparse, gt)
+    dense = fcos.predict(features, lambda tower: conv(tower))  # not a conv module: computed everywhere
+    _, dense_positives = fcos.losses(dense, gt)
+    assert len(sparse_positives) > 0 and set(sparse_positives.im_inds.tolist()) == {0, 1}
+    assert torch.allclose(sparse_positives.top_feats, dense_positives.top_feats, atol=1e-4)
+    weights = torch.randn_like(dense_positives.top_feats)
+    sparse_grad = torch.autograd.grad((sparse_positives.top_feats * weights).sum(), conv.weight, retain_graph=True)[0]
+    dense_grad = torch.autograd.grad((dense_positives.top_feats * weights).sum(), conv.weight)[0]
+    assert torch.allclose(sparse_grad, dense_grad, rtol=1e-4, atol=1e-4)
 
 
 def test_inference_runs_the_top_conv_at_the_detections_only():

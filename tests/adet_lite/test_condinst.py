@@ -250,5 +250,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_overfit_losses_fall():
     cfg = tiny_cfg(CONDINST_YAML, SMALL)
-    history = loss_history(build_tiny_model(cfg), dataset_batch(cfg, indices=(0, 1)), iterations=20, lr=0.02)
+    # 30 steps at lr 0.01: with FCOS on P2-P6 (the quick-start levels) 20 steps at lr 0.02 get the total loss to
+    # only 0.57x (a spike of the centerness loss on the way).
+    history = loss_history(build_tiny_model(cfg), dataset_batch(cfg, indices=(0, 1)), iterations=30, lr=0.01)
     assert_losses_fall(history, 0.5, loss_mask=0.8)

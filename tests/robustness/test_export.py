@@ -36,7 +36,7 @@ MODELS = {
         # Fewer candidates than the cap: the number of proposals varies with the image too.
         "MODEL.RPN.PRE_NMS_TOPK_TEST", 200, "MODEL.RPN.POST_NMS_TOPK_TEST", 1000]),
     "fcos": ("fcos_R18_synthetic.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", 0.014, "MODEL.FCOS.POST_NMS_TOPK_TEST", 100]),
-    "condinst": ("condinst_R18_synthetic.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", 0.01,
+    "condinst": ("condinst_R18_synthetic.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", 0.009,
                                                  "MODEL.FCOS.POST_NMS_TOPK_TEST", 100]),
     "blendmask": ("blendmask_R18_synthetic.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", 0.008,
                                                    "MODEL.FCOS.POST_NMS_TOPK_TEST", 100]),

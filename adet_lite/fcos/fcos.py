@@ -247,8 +247,10 @@ class FCOS(nn.Module):
                 topk_candidates=self.topk_candidates[self.training], nms_thresh=self.nms_thresh,
                 max_detections=self.max_detections[self.training], thresh_with_ctr=self.thresh_with_ctr)
             if top_module is not None:
-                result.top_feat = top_feats_at_locations(top_module, predictions["box_towers"],
-                                                         torch.full_like(result.fpn_levels, i), result.fpn_levels,
+                # This image's towers only (per image, not for the batch: traced, a split of the batch's
+                # features would fix the traced image's detection count), so each is padded once.
+                result.top_feat = top_feats_at_locations(top_module, [t[i:i + 1] for t in predictions["box_towers"]],
+                                                         torch.zeros_like(result.fpn_levels), result.fpn_levels,
                                                          result.locations, self.strides)
             results.append(result)
         return results

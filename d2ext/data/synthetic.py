@@ -223,10 +223,22 @@ def _generate_split(spec, directory):
     for index in range(spec.num_images):
         img, annotations = generate_image(spec, index)
         file_name = os.path.join("images", f"{index:05d}.png")
-        cv2.imwrite(os.path.join(directory, file_name), img[:, :, ::-1])
+        _write_png_atomic(img, os.path.join(directory, file_name))
         records.append({"file_name": file_name, "image_id": index, "height": img.shape[0],
                         "width": img.shape[1], "annotations": annotations})
     return records
+
+
+def _write_png_atomic(rgb, path):
+    # Another process generating the same split (DDP workers, parallel jobs on a fresh cache) may be
+    # reading this file: replace it whole, never truncate it in place (a reader would get half a PNG).
+    ok, png = cv2.imencode(".png", rgb[:, :, ::-1])
+    if not ok:
+        raise RuntimeError(f"cv2 could not encode synthetic image {path}")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(png.tobytes())
+    os.replace(tmp, path)
 
 
 def _write_json_atomic(obj, path):

@@ -44,6 +44,29 @@ def test_generation_is_deterministic(tmp_path):
             assert fa.read() == fb.read(), name
 
 
+def test_regenerating_a_split_replaces_images_whole(tmp_path, monkeypatch):
+    # Processes generating one split concurrently (DDP workers on a fresh cache) rewrite the images that
+    # a faster process already reads: each must be replaced by a complete file, never truncated in place.
+    from d2ext.data import synthetic
+
+    spec = SyntheticShapesSpec(num_images=3, seed=5)
+    directory = ensure_split(spec, str(tmp_path))
+    os.remove(os.path.join(directory, "annotations.json"))  # as seen by a process that started earlier
+    replaced, real_replace = [], os.replace
+
+    def checked_replace(src, dst):
+        if dst.endswith(".png"):
+            assert cv2.imread(dst) is not None, f"{dst} was damaged before its replacement was ready"
+            assert cv2.imread(src) is not None
+            replaced.append(os.path.relpath(dst, directory))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(synthetic.os, "replace", checked_replace)
+    ensure_split(spec, str(tmp_path))
+    assert sorted(replaced) == [os.path.join("images", f"{i:05d}.png") for i in range(3)]
+    assert sorted(os.listdir(os.path.join(directory, "images"))) == ["00000.png", "00001.png", "00002.png"]
+
+
 def test_instances_are_valid(split):
     _, dicts, _ = split
     for record in dicts:

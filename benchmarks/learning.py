@@ -30,6 +30,7 @@ MODELS = [
     ("solov2_bn_stride2", "configs/quickstart/solov2_R18_FPN_synthetic_bn_stride2.yaml"),
     ("rdsnet", "configs/quickstart/rdsnet_R18_FPN_synthetic.yaml"),
     ("rdsnet_stride2", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2.yaml"),
+    ("rdsnet_stride2_p2p6", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2_p2p6.yaml"),
     ("rdsnet_fcos", "configs/quickstart/rdsnet_fcos_R18_synthetic.yaml"),
 ]
 

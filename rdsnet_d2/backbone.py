@@ -4,6 +4,8 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
+from d2ext.layers import LastLevelP6
+
 
 class LastLevelP6P7NoReLU(LastLevelP6P7):
     """Detectron2's P6/P7 block (same parameter names) without the ReLU before P7, as mmdet v1's FPN
@@ -14,17 +16,28 @@ class LastLevelP6P7NoReLU(LastLevelP6P7):
         return [p6, self.p7(p6)]
 
 
+def _top_block(cfg, in_channels, out_channels):
+    top_levels = cfg.MODEL.RDSNET.TOP_LEVELS
+    if top_levels == 2:
+        top_block_class = LastLevelP6P7 if cfg.MODEL.RDSNET.P7_RELU else LastLevelP6P7NoReLU
+        return top_block_class(in_channels, out_channels, in_feature="res5")
+    if top_levels == 1:
+        return LastLevelP6(in_channels, out_channels, in_feature="res5")
+    if top_levels == 0:
+        return None
+    raise ValueError(f"MODEL.RDSNET.TOP_LEVELS must be 0, 1 or 2, got {top_levels!r}")
+
+
 @BACKBONE_REGISTRY.register()
 def build_rdsnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """ResNet + FPN on ``MODEL.FPN.IN_FEATURES`` with ``MODEL.RDSNET.TOP_LEVELS`` levels above P5 from C5."""
     bottom_up = build_resnet_backbone(cfg, input_shape)
-    in_channels_p6p7 = bottom_up.output_shape()["res5"].channels
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
-    top_block_class = LastLevelP6P7 if cfg.MODEL.RDSNET.P7_RELU else LastLevelP6P7NoReLU
     return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=top_block_class(in_channels_p6p7, out_channels, in_feature="res5"),
+        top_block=_top_block(cfg, bottom_up.output_shape()["res5"].channels, out_channels),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )

@@ -25,8 +25,10 @@ def add_rdsnet_config(cfg):
     cfg.MODEL.RDSNET.TEST_CROP_EXPAND = 0.1  # detected box grows by this fraction per side
     cfg.MODEL.RDSNET.MASK_THRESHOLD = 0.4  # soft mask -> binary mask
     cfg.MODEL.RDSNET.MASK_CHUNK_SIZE = 16  # detections upsampled at once (bounds peak test memory)
-    # FPN top block: the official P7 = conv(P6) has no ReLU in between (Detectron2's has one).
-    cfg.MODEL.RDSNET.P7_RELU = False  # used by build_rdsnet_resnet_fpn_backbone
+    # FPN top block (build_rdsnet_resnet_fpn_backbone): levels above P5 computed from C5. 2: P6 and P7 (official);
+    # 1: P6 only, for an object stream on P2-P6 (a P7 no head reads gets no gradient, which DDP rejects); 0: none.
+    cfg.MODEL.RDSNET.TOP_LEVELS = 2
+    cfg.MODEL.RDSNET.P7_RELU = False  # the official P7 = conv(P6) has no ReLU in between (Detectron2's has one)
 
     cfg.MODEL.MBRM = CN()
     # MBRM: the box refinement at inference, in RDSNet, GeneralizedRCNNWithMBRM (Mask R-CNN) and adet_lite's

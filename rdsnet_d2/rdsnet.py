@@ -7,7 +7,7 @@ from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
-from d2ext.config_checks import check_in_features
+from d2ext.config_checks import check_every_feature_read, check_in_features
 from d2ext.layers import capped_count, register_empty_load_check
 
 from .checkpoint import rename_official_rdsnet_keys
@@ -43,6 +43,12 @@ class RDSNet(RDSNetMasks, RetinaNet):
         ret = super().from_config(cfg)  # backbone, anchors, matcher, box coder, loss / test settings
         backbone_shape = ret["backbone"].output_shape()
         check_in_features("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, backbone_shape)
+        check_every_feature_read(
+            backbone_shape,
+            {"MODEL.RETINANET.IN_FEATURES": cfg.MODEL.RETINANET.IN_FEATURES,
+             "MODEL.RDSNET.PIXEL_IN_FEATURES": cfg.MODEL.RDSNET.PIXEL_IN_FEATURES},
+            "set MODEL.RDSNET.TOP_LEVELS (levels above P5) or MODEL.FPN.IN_FEATURES to build only what is read",
+        )
         ret["head"] = RDSNetHead(cfg, [backbone_shape[f] for f in cfg.MODEL.RETINANET.IN_FEATURES])
         ret.update(
             mask_options=cls.mask_options(cfg, backbone_shape),

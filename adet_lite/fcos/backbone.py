@@ -1,21 +1,7 @@
-import fvcore.nn.weight_init as weight_init
-from torch import nn
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, ShapeSpec, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 
-
-class LastLevelP6(nn.Module):
-    """FPN top block adding P6 from ``in_feature`` with one stride-2 3x3 conv (FCOS with TOP_LEVELS 1)."""
-
-    def __init__(self, in_channels, out_channels, in_feature="p5"):
-        super().__init__()
-        self.num_levels = 1
-        self.in_feature = in_feature
-        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
-        weight_init.c2_xavier_fill(self.p6)
-
-    def forward(self, x):
-        return [self.p6(x)]
+from d2ext.layers import LastLevelP6
 
 
 @BACKBONE_REGISTRY.register()

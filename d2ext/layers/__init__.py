@@ -1,6 +1,7 @@
 """Pieces shared by several methods (they exist once, here)."""
 from .conv import conv_norm_relu, conv_norm_relu_reference_key
 from .coords import coordinate_features
+from .fpn import LastLevelP6
 from .gt_masks import ensure_gt_masks, padded_bitmasks, semantic_targets
 from .images import PixelNormalizationMixin
 from .losses import dice_loss
@@ -11,6 +12,7 @@ from .state_dict import ReferenceCheckpointMixin, register_empty_load_check, ren
 from .upsample import aligned_bilinear
 
 __all__ = [
+    "LastLevelP6",
     "PixelNormalizationMixin",
     "ReferenceCheckpointMixin",
     "aligned_bilinear",

@@ -204,3 +204,47 @@ def test_official_checkpoint_names(cfg, tmp_path):
         torch.save({**official, bad_key: bad_value}, path)
         with pytest.raises(RuntimeError, match=bad_key.replace(".", r"\.")):
             DetectionCheckpointer(build_tiny_model(cfg)).load(path)
+
+
+@pytest.mark.parametrize("top_levels, levels", [(2, ["p3", "p4", "p5", "p6", "p7"]), (1, ["p3", "p4", "p5", "p6"]),
+                                                (0, ["p3", "p4", "p5"])])
+def test_backbone_top_levels(top_levels, levels):
+    from detectron2.modeling import build_backbone
+
+    official = build_backbone(tiny_cfg(config_path(CONFIG), SMALL))
+    backbone = build_backbone(tiny_cfg(config_path(CONFIG), SMALL + ["MODEL.RDSNET.TOP_LEVELS", str(top_levels)]))
+    assert list(backbone.output_shape()) == levels
+    assert [s.stride for s in backbone.output_shape().values()] == [8, 16, 32, 64, 128][:len(levels)]
+    # The levels it keeps are the official block's: its weights load and give the same maps.
+    backbone.load_state_dict(official.state_dict(), strict=False)
+    official.eval(), backbone.eval()
+    image = torch.randn(1, 3, 128, 96)
+    with torch.no_grad():
+        expected, out = official(image), backbone(image)
+    for level in levels:
+        torch.testing.assert_close(out[level], expected[level])
+
+
+def test_backbone_top_levels_bad_value():
+    with pytest.raises(ValueError, match="MODEL.RDSNET.TOP_LEVELS must be 0, 1 or 2, got 3"):
+        build_tiny_model(tiny_cfg(config_path(CONFIG), SMALL + ["MODEL.RDSNET.TOP_LEVELS", "3"]))
+
+
+def test_backbone_level_no_head_reads_is_a_clear_error():
+    # P2-P6 object stream with the official P6 + P7: P7 would get no gradient (DDP fails mid-training).
+    opts = ["MODEL.RESNETS.OUT_FEATURES", '["res2", "res3", "res4", "res5"]',
+            "MODEL.FPN.IN_FEATURES", '["res2", "res3", "res4", "res5"]',
+            "MODEL.RETINANET.IN_FEATURES", '["p2", "p3", "p4", "p5", "p6"]']
+    with pytest.raises(ValueError, match=r"computes \['p7'\], which no head reads .*MODEL.RDSNET.TOP_LEVELS"):
+        build_tiny_model(tiny_cfg(config_path(CONFIG), SMALL + opts))
+
+
+def test_p2_p6_object_stream_trains_every_parameter():
+    cfg = tiny_cfg(config_path("quickstart/rdsnet_R18_FPN_synthetic_stride2_p2p6.yaml"), SMALL)
+    model = build_tiny_model(cfg)
+    assert model.head_in_features == ["p2", "p3", "p4", "p5", "p6"]
+    assert model.mask_stride == 2
+    losses = train_step(model, dataset_batch(cfg))
+    assert losses["loss_mask"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused

@@ -6,8 +6,11 @@ COCO box / mask AP in the same run. The issues' bar: each method's mask AP withi
     python benchmarks/learning.py                                   # all models, the configs' 700 iterations
     python benchmarks/learning.py --jobs 2 --threads 1 --output-dir output/learning
     python benchmarks/learning.py --models condinst blendmask --max-iter 300
+    python benchmarks/learning.py --device cuda --jobs 16 --threads 1 --seeds 42 7 1   # mean of 3 runs per model
 
-A script, not a test: the default budget takes about ten minutes per model on 2 CPU cores. Training,
+A script, not a test: the default budget takes about ten minutes per model on 2 CPU cores. One run per model
+can differ from a rerun of the same config by several AP points (twelfth session, H100: up to 20 for the
+stride-2 BlendMask), so a verdict on the 5-point bar needs ``--seeds``. Training,
 evaluation and the table are ``d2ext.benchmark.learning_benchmark_main``'s.
 """
 import os

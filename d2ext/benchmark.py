@@ -216,12 +216,13 @@ def command_line():
     return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
-def train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device):
+def train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device, seed=None):
     """Train one config from scratch with Detectron2's trainer, then evaluate it with COCO AP.
 
     Args:
         max_iter: iteration budget; 0 keeps the config's schedule, otherwise the LR steps move to the same
             fractions of the budget.
+        seed: ``SEED`` of the run (None: the config's).
     Returns:
         (iterations, box AP, mask AP, training seconds); an AP is NaN when COCOEvaluator did not report
         its task (``segm`` needs some detections).
@@ -229,6 +230,8 @@ def train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device):
     from .engine import Trainer, setup_cfg
 
     opts = ["OUTPUT_DIR", output_dir, "MODEL.DEVICE", device, "DATASETS.TEST", (eval_dataset,)]
+    if seed is not None:
+        opts += ["SEED", seed]
     if max_iter:
         cfg = setup_cfg(config_file, opts, freeze=False)
         fractions = [step / cfg.SOLVER.MAX_ITER for step in cfg.SOLVER.STEPS]
@@ -248,10 +251,10 @@ def train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device):
 
 def _train_and_evaluate_job(job):
     """``train_and_evaluate`` in a worker process of ``learning_benchmark_main`` with ``threads`` torch threads."""
-    config_file, max_iter, eval_dataset, output_dir, device, threads = job
+    config_file, max_iter, eval_dataset, output_dir, device, threads, seed = job
     if threads:
         torch.set_num_threads(threads)
-    return train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device)
+    return train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device, seed)
 
 
 def learning_benchmark_main(models, description, argv=None):
@@ -262,7 +265,9 @@ def learning_benchmark_main(models, description, argv=None):
     Options: ``--max-iter``, ``--eval-dataset``, ``--device``, ``--threads`` (per model), ``--jobs`` (models
     trained at once, each in its own process: on a CPU, ``--jobs 2 --threads 1`` uses 2 cores better than
     one 2-thread run at a time), ``--output-dir`` (keep each model's logs, metrics and weights there;
-    default: a temporary folder) and ``--models`` (names of ``models`` to run; the baseline always runs).
+    default: a temporary folder), ``--models`` (names of ``models`` to run; the baseline always runs) and
+    ``--seeds`` (train each model once per seed and report the means: one 700-iteration run of the quick-start
+    models can differ from a rerun by several AP points, more than the issues' 5-point bar).
 
     Args:
         models: list of (name, config file path); the first is the baseline.
@@ -278,31 +283,47 @@ def learning_benchmark_main(models, description, argv=None):
     parser.add_argument("--output-dir", default="", help="keep each model's output in OUTPUT_DIR/<index>")
     parser.add_argument("--models", nargs="+", default=None, metavar="NAME",
                         help=f"models to run besides the baseline, from: {[name for name, _ in models[1:]]}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+                        help="train every model once per seed (SEED) and report mean APs (default: one run, "
+                             "each config's SEED)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
     if args.models is not None:
         unknown = sorted(set(args.models) - {name for name, _ in models})
         if unknown:
             parser.error(f"unknown --models {unknown}; choose from {[name for name, _ in models[1:]]}")
         models = [models[0]] + [m for m in models[1:] if m[0] in args.models]
 
+    seeds = args.seeds or [None]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.output_dir or tmp
-        jobs = [(config_file, args.max_iter, args.eval_dataset, os.path.join(root, str(i)), args.device,
-                 args.threads) for i, (_, config_file) in enumerate(models)]
+        jobs = [(config_file, args.max_iter, args.eval_dataset,
+                 os.path.join(root, str(i) if seed is None else f"{i}_seed{seed}"), args.device, args.threads, seed)
+                for i, (_, config_file) in enumerate(models) for seed in seeds]
         if args.jobs == 1:
             results = [_train_and_evaluate_job(job) for job in jobs]
         else:
             # "spawn": a fresh interpreter per worker (forking a process with torch threads can deadlock).
             with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
                 results = pool.map(_train_and_evaluate_job, jobs, chunksize=1)
-    rows = [(name, *result) for (name, _), result in zip(models, results)]
+    rows = []
+    for i, (name, _) in enumerate(models):
+        runs = results[i * len(seeds):(i + 1) * len(seeds)]  # (iterations, box AP, mask AP, seconds) per seed
+        rows.append((name, runs[0][0], *(statistics.mean(run[k] for run in runs) for k in (1, 2, 3)),
+                     [run[2] for run in runs]))
     baseline_mask_ap = rows[0][3]
-    print("| model | iterations | box AP | mask AP | mask AP - baseline | train s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, iters, box_ap, mask_ap, seconds in rows:
-        print(f"| {name} | {iters} | {box_ap:.1f} | {mask_ap:.1f} | {mask_ap - baseline_mask_ap:+.1f} | {seconds:.0f} |")
+    per_seed = args.seeds is not None
+    mean = "mean " if per_seed else ""
+    seed_column = f" mask AP, seeds {' / '.join(map(str, seeds))} |" if per_seed else ""
+    print(f"| model | iterations | {mean}box AP | {mean}mask AP | {mean}mask AP - baseline | train s |{seed_column}")
+    print("| --- " * (7 if per_seed else 6) + "|")
+    for name, iters, box_ap, mask_ap, seconds, seed_mask_aps in rows:
+        seed_cell = f" {' / '.join(f'{ap:.1f}' for ap in seed_mask_aps)} |" if per_seed else ""
+        print(f"| {name} | {iters} | {box_ap:.1f} | {mask_ap:.1f} | {mask_ap - baseline_mask_ap:+.1f} | "
+              f"{seconds:.0f} |{seed_cell}")
     print(f"\ncommand: {command_line()}")
     print(f"machine: {machine_description(args.device, args.threads)}; {args.jobs} model(s) trained at a time")
     return rows

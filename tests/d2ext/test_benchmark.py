@@ -1,5 +1,6 @@
 """d2ext.benchmark: the CPU memory readings (the peak can be reset to the memory in use; Linux) and
-model_step's hook on the built model."""
+model_step's hook on the built model, and the learning benchmark's means over seeds."""
+import os
 import sys
 
 import pytest
@@ -49,3 +50,31 @@ def test_per_round_ratios_divide_each_round_by_the_first_steps_time_in_that_roun
     times = [[1.0, 2.0, 4.0], [1.5, 2.0, 2.0], [3.0, 1.0, 8.0]]
     assert per_round_ratios(times) == [[1.5, 1.0, 0.5], [3.0, 0.5, 2.0]]
     assert per_round_ratios([[1.0, 2.0]]) == []
+
+
+def test_learning_benchmark_averages_each_models_seeds(monkeypatch, capsys):
+    from d2ext import benchmark
+
+    # A fake training: APs made from the config and the seed, so each row's mean can be checked by hand.
+    fake_ap = {("a.yaml", 1): (50.0, 40.0), ("a.yaml", 2): (54.0, 46.0),
+               ("b.yaml", 1): (30.0, 20.0), ("b.yaml", 2): (36.0, 31.0)}
+    calls = []
+
+    def fake_train_and_evaluate(config_file, max_iter, eval_dataset, output_dir, device, seed=None):
+        calls.append((config_file, seed, os.path.basename(output_dir)))
+        box_ap, mask_ap = fake_ap[(config_file, seed)]
+        return 700, box_ap, mask_ap, 10.0 * seed
+
+    monkeypatch.setattr(benchmark, "train_and_evaluate", fake_train_and_evaluate)
+    rows = benchmark.learning_benchmark_main([("base", "a.yaml"), ("other", "b.yaml")], "test",
+                                             ["--seeds", "1", "2", "--output-dir", "/nonexistent"])
+    assert calls == [("a.yaml", 1, "0_seed1"), ("a.yaml", 2, "0_seed2"), ("b.yaml", 1, "1_seed1"),
+                     ("b.yaml", 2, "1_seed2")]
+    assert rows == [("base", 700, 52.0, 43.0, 15.0, [40.0, 46.0]), ("other", 700, 33.0, 25.5, 15.0, [20.0, 31.0])]
+    table = capsys.readouterr().out
+    assert "| other | 700 | 33.0 | 25.5 | -17.5 | 15 | 20.0 / 31.0 |" in table
+    assert "mask AP, seeds 1 / 2" in table
+
+    with pytest.raises(SystemExit):
+        benchmark.learning_benchmark_main([("base", "a.yaml")], "test", ["--seeds", "1", "1"])
+    assert "--seeds must be distinct" in capsys.readouterr().err

@@ -229,23 +229,24 @@ def _generate_split(spec, directory):
     return records
 
 
-def _write_png_atomic(rgb, path):
+def _write_atomic(data: bytes, path):
     # Another process generating the same split (DDP workers, parallel jobs on a fresh cache) may be
-    # reading this file: replace it whole, never truncate it in place (a reader would get half a PNG).
+    # reading this file: replace it whole, never truncate it in place (a reader would get half a file).
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _write_png_atomic(rgb, path):
     ok, png = cv2.imencode(".png", rgb[:, :, ::-1])
     if not ok:
         raise RuntimeError(f"cv2 could not encode synthetic image {path}")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(png.tobytes())
-    os.replace(tmp, path)
+    _write_atomic(png.tobytes(), path)
 
 
 def _write_json_atomic(obj, path):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    _write_atomic(json.dumps(obj).encode(), path)
 
 
 def default_cache_root():

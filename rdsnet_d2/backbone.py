@@ -4,7 +4,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone.fpn import FPN, LastLevelP6P7
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from d2ext.layers import LastLevelP6
+from d2ext.layers import fpn_top_block
 
 
 class LastLevelP6P7NoReLU(LastLevelP6P7):
@@ -14,18 +14,6 @@ class LastLevelP6P7NoReLU(LastLevelP6P7):
     def forward(self, x):
         p6 = self.p6(x)
         return [p6, self.p7(p6)]
-
-
-def _top_block(cfg, in_channels, out_channels):
-    top_levels = cfg.MODEL.RDSNET.TOP_LEVELS
-    if top_levels == 2:
-        top_block_class = LastLevelP6P7 if cfg.MODEL.RDSNET.P7_RELU else LastLevelP6P7NoReLU
-        return top_block_class(in_channels, out_channels, in_feature="res5")
-    if top_levels == 1:
-        return LastLevelP6(in_channels, out_channels, in_feature="res5")
-    if top_levels == 0:
-        return None
-    raise ValueError(f"MODEL.RDSNET.TOP_LEVELS must be 0, 1 or 2, got {top_levels!r}")
 
 
 @BACKBONE_REGISTRY.register()
@@ -38,6 +26,8 @@ def build_rdsnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
         norm=cfg.MODEL.FPN.NORM,
-        top_block=_top_block(cfg, bottom_up.output_shape()["res5"].channels, out_channels),
+        top_block=fpn_top_block("MODEL.RDSNET.TOP_LEVELS", cfg.MODEL.RDSNET.TOP_LEVELS,
+                                bottom_up.output_shape()["res5"].channels, out_channels, "res5",
+                                p6p7_block=LastLevelP6P7 if cfg.MODEL.RDSNET.P7_RELU else LastLevelP6P7NoReLU),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )

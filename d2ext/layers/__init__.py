@@ -1,7 +1,7 @@
 """Pieces shared by several methods (they exist once, here)."""
 from .conv import conv_norm_relu, conv_norm_relu_reference_key
 from .coords import coordinate_features
-from .fpn import LastLevelP6
+from .fpn import LastLevelP6, fpn_top_block
 from .gt_masks import ensure_gt_masks, padded_bitmasks, semantic_targets
 from .images import PixelNormalizationMixin
 from .losses import dice_loss
@@ -21,6 +21,7 @@ __all__ = [
     "conv_norm_relu_reference_key",
     "coordinate_features",
     "dice_loss",
+    "fpn_top_block",
     "ensure_gt_masks",
     "mask_bounding_boxes",
     "mmdet_resnet_fpn_key",

@@ -9,7 +9,9 @@ The issue's bar (the BlendMask paper: 20 % faster than Mask R-CNN): BlendMask R-
 threshold so that each post-processes (and predicts masks for) its full 100 detections, instead of
 random weights leaving one of them with nothing to do; BlendMask's random box regression is biased to
 non-empty boxes (``nonempty_fcos_boxes``). Each (model, mode) runs in its own process
-(``benchmarks/speed.py``), so peak memory belongs to that measurement alone.
+(``benchmarks/speed.py``), so peak memory belongs to that measurement alone. The GFLOP column counts each
+inference's convolutions and matrix products: where time follows arithmetic (a CPU), its ratio is about
+the best time ratio that code can reach without changing the model.
 """
 import argparse
 import os
@@ -55,9 +57,11 @@ def main():
         ratio = times[(args.config_file, "inference")] / times[(BASELINE, "inference")]
         paired = next(r["paired_ratio"] for r in rows if r["name"] == args.config_file and r["mode"] == "inference")
         # The target is stated for 800x1333; other sizes and CPUs are indicative only.
+        gflops = {r["name"]: r["gflops"] for r in rows if r["mode"] == "inference"}
         print(f"BlendMask / Mask R-CNN inference time: {ratio:.2f} from the separate processes' medians, {paired:.2f} "
               f"alternating in one process (issue target <= {TARGET_RATIO} at 800x1333; this run: "
-              f"{args.size[0]}x{args.size[1]} on {args.device})")
+              f"{args.size[0]}x{args.size[1]} on {args.device}); arithmetic (GFLOP): "
+              f"{gflops[args.config_file] / gflops[BASELINE]:.2f}")
 
 
 if __name__ == "__main__":

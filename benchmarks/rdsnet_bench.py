@@ -78,7 +78,8 @@ def _model_and_images(name, args, num_images):
 
 
 def measure_model(name, args):
-    """In a fresh process: (median seconds per image, [peak MB after each of the --images images])."""
+    """In a fresh process: (median seconds per image, [peak MB after each of the --images images], GFLOP of
+    one inference: its convolutions and matrix products, ``d2ext.benchmark.inference_gflops``)."""
     from d2ext import benchmark
 
     if args.threads:
@@ -86,13 +87,14 @@ def measure_model(name, args):
     model, images = _model_and_images(name, args, args.images)
     with torch.no_grad():
         seconds = benchmark.median_seconds(lambda: model(images[:1]), args.device, args.warmup, args.iters)
+        gflops = benchmark.inference_gflops(lambda: model(images[:1]))
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(args.device)
         peaks = []
         for image in images:
             model([image])
             peaks.append(benchmark.peak_memory_mb(args.device))
-    return seconds, peaks
+    return seconds, peaks, gflops
 
 
 def measure_pair_alternately(plain, refined, args):
@@ -130,14 +132,16 @@ def main():
     for name in names:
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
             results[name] = pool.submit(measure_model, name, args).result()
-        seconds, peaks = results[name]
-        print(f"{name}: {seconds:.3f} s, peak {peaks[0]:.0f} -> {peaks[-1]:.0f} MB", file=sys.stderr, flush=True)
+        seconds, peaks, gflops = results[name]
+        print(f"{name}: {seconds:.3f} s, peak {peaks[0]:.0f} -> {peaks[-1]:.0f} MB, {gflops:.1f} GFLOP", file=sys.stderr,
+              flush=True)
 
     print(f"command: {command_line()}")
     print(f"machine: {machine_description(args.device, args.threads)}")
     print(f"input: {args.size[0]}x{args.size[1]} (height x width, exact), batch 1, median of {args.iters} after "
           f"{args.warmup} warm-up; memory over {args.images} images; score threshold 0, 100 detections")
-    rows = [{"name": n, "mode": "inference", "seconds": s, "memory_mb": p[-1]} for n, (s, p) in results.items()]
+    rows = [{"name": n, "mode": "inference", "seconds": s, "memory_mb": p[-1], "gflops": g}
+            for n, (s, p, g) in results.items()]
     print(format_table(rows, BASELINE))
     print()
     # The middle image separates a one-off rise (allocator high-water mark) from growth per image.
@@ -145,7 +149,7 @@ def main():
     print(f"| model | peak MB after image 1 | after image {middle + 1} | after image N | growth MB, 1 -> N | "
           f"growth MB, {middle + 1} -> N |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for name, (_, peaks) in results.items():
+    for name, (_, peaks, _) in results.items():
         print(f"| {name} | {peaks[0]:.0f} | {peaks[middle]:.0f} | {peaks[-1]:.0f} | {peaks[-1] - peaks[0]:+.0f} | "
               f"{peaks[-1] - peaks[middle]:+.0f} |")
     print()

@@ -10,7 +10,8 @@ CUDA) belongs to that measurement alone. Models are randomly initialised (no dow
 keeps few detections at its configured score threshold, so the baseline runs with
 ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 0`` (as in the other benchmarks; its mask head then runs on its
 detections) and --opts should lower the compared configs' thresholds likewise; the table shows the
-detections per image that each inference time includes. Inference is also timed with all the models in
+detections per image that each inference time includes, and each inference's GFLOP (convolutions and
+matrix products). Inference is also timed with all the models in
 one process, run alternately (--iters rounds): the median per-round ratio to the baseline is the steadier
 comparison where the machine's speed drifts between processes.
 """
@@ -112,8 +113,8 @@ def measure_and_report(models, args, baseline_name):
             model in the measuring process (a module-level function, so that it pickles).
         args: parsed ``add_measurement_arguments`` options.
     Returns:
-        the table's rows: dicts with name, mode, seconds, memory_mb, detections (per image; None in training)
-        and, for inference rows after the first model, paired_ratio: the median per-round ratio to the first
+        the table's rows: dicts with name, mode, seconds, memory_mb, detections (per image) and gflops (one
+        inference's convolutions and matrix products; both None in training) and, for inference rows after the first model, paired_ratio: the median per-round ratio to the first
         model with the two run alternately in one process (:func:`interleaved_inference_ratios`).
     """
     from d2ext.benchmark import command_line, format_table, machine_description
@@ -123,8 +124,9 @@ def measure_and_report(models, args, baseline_name):
         for mode in args.modes:
             row = {"name": name, "mode": mode, **measure_isolated(config_file, opts, mode, args, *prepare_model)}
             rows.append(row)
-            print(f"{name} {mode}: {row['seconds']:.3f} s, {row['memory_mb']:.0f} MB, detections {row['detections']}",
-                  file=sys.stderr, flush=True)
+            gflops = "" if row["gflops"] is None else f", {row['gflops']:.1f} GFLOP"
+            print(f"{name} {mode}: {row['seconds']:.3f} s, {row['memory_mb']:.0f} MB, detections {row['detections']}"
+                  f"{gflops}", file=sys.stderr, flush=True)
     print(f"command: {command_line()}")
     print(f"machine: {machine_description(args.device, args.threads)}")
     print(f"input: {args.size[0]}x{args.size[1]} (height x width, exact), batch {args.batch_size}, "

@@ -146,8 +146,10 @@ def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
     (``prepare_model``: see :func:`model_step`).
 
     Returns:
-        dict of seconds, memory_mb and detections: the instances per image of the last inference (how much
-        post-processing and mask prediction the time includes; random models can give few), None in training.
+        dict of seconds, memory_mb, detections: the instances per image of the last inference (how much
+        post-processing and mask prediction the time includes; random models can give few), and gflops: one
+        inference's (:func:`inference_gflops`, counted in one more call after the timed ones); both None in
+        training.
     """
     device = cfg.MODEL.DEVICE
     step = model_step(cfg, mode, batch, prepare_model)
@@ -161,8 +163,23 @@ def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step_counting_detections, device, warmup, iters)
-    return {"seconds": seconds, "memory_mb": peak_memory_mb(device),
-            "detections": detections if mode == "inference" else None}
+    memory_mb = peak_memory_mb(device)
+    inference = mode == "inference"
+    return {"seconds": seconds, "memory_mb": memory_mb, "detections": detections if inference else None,
+            "gflops": inference_gflops(step) if inference else None}
+
+
+def inference_gflops(fn):
+    """GFLOPs of one call of ``fn``: its convolutions and matrix products as torch's ``FlopCounterMode`` counts
+    them (2 per multiply-add). RoIAlign, interpolation, NMS and element-wise operations are not counted; they
+    are a small part of these models' arithmetic. Where a model's time is bound by arithmetic (a CPU), the
+    ratio of two models' counts is about the ratio their times can reach."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 def interleaved_seconds(steps, device, warmup, iters):
@@ -194,22 +211,32 @@ def per_round_ratios(times):
 
 
 def format_table(rows, baseline_name):
-    """rows: dicts with name, mode, seconds, memory_mb and optionally detections (a list per image: a column
-    then shows them); ratios against the baseline row of each mode."""
+    """rows: dicts with name, mode, seconds, memory_mb and optionally detections (a list per image) and gflops
+    (columns then show them); ratios against the baseline row of each mode."""
     base = {r["mode"]: r for r in rows if r["name"] == baseline_name}
     with_detections = any(r.get("detections") is not None for r in rows)
-    header = "| model | mode | median s | x baseline | peak MB | x baseline |" + (" detections |" if with_detections else "")
+    with_gflops = any(r.get("gflops") is not None for r in rows)
+    header = ("| model | mode | median s | x baseline | peak MB | x baseline |"
+              + (" GFLOP | x baseline |" if with_gflops else "") + (" detections |" if with_detections else ""))
     lines = [header, "|" + " --- |" * header.count(" |")]
     for r in rows:
         b = base.get(r["mode"])
-        time_ratio = f"{r['seconds'] / b['seconds']:.2f}" if b else "-"
-        mem_ratio = f"{r['memory_mb'] / b['memory_mb']:.2f}" if b else "-"
-        line = f"| {r['name']} | {r['mode']} | {r['seconds']:.3f} | {time_ratio} | {r['memory_mb']:.0f} | {mem_ratio} |"
+        line = f"| {r['name']} | {r['mode']} | {r['seconds']:.3f} | {_ratio(r, b, 'seconds')} | {r['memory_mb']:.0f} | " \
+               f"{_ratio(r, b, 'memory_mb')} |"
+        if with_gflops:
+            gflops = r.get("gflops")
+            line += f" {gflops:.1f} | {_ratio(r, b, 'gflops')} |" if gflops is not None else " - | - |"
         if with_detections:
             detections = r.get("detections")
             line += f" {' + '.join(map(str, detections)) if detections is not None else '-'} |"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _ratio(row, baseline_row, key):
+    if baseline_row is None or row.get(key) is None or baseline_row.get(key) is None:
+        return "-"
+    return f"{row[key] / baseline_row[key]:.2f}"
 
 
 def command_line():

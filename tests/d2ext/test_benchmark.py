@@ -1,5 +1,6 @@
 """d2ext.benchmark: the CPU memory readings (the peak can be reset to the memory in use; Linux) and
-model_step's hook on the built model, and the learning benchmark's means over seeds."""
+model_step's hook on the built model, the FLOP count and the ratio table, and the learning benchmark's
+means over seeds."""
 import os
 import sys
 
@@ -50,6 +51,43 @@ def test_per_round_ratios_divide_each_round_by_the_first_steps_time_in_that_roun
     times = [[1.0, 2.0, 4.0], [1.5, 2.0, 2.0], [3.0, 1.0, 8.0]]
     assert per_round_ratios(times) == [[1.5, 1.0, 0.5], [3.0, 0.5, 2.0]]
     assert per_round_ratios([[1.0, 2.0]]) == []
+
+
+def test_inference_gflops_counts_convolutions_and_matrix_products_only():
+    from d2ext.benchmark import inference_gflops
+
+    conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1)
+    linear = torch.nn.Linear(8 * 10 * 12, 5)
+    image = torch.randn(2, 3, 10, 12)
+
+    def forward():
+        with torch.no_grad():
+            features = torch.relu(conv(image))  # the ReLU and the bias additions are not counted
+            return linear(features.flatten(1))
+
+    conv_macs = 0
+    for _ in range(2 * 10 * 12):  # every output position of both images
+        conv_macs += 8 * 3 * 3 * 3
+    linear_macs = 2 * (8 * 10 * 12) * 5
+    assert inference_gflops(forward) == pytest.approx(2 * (conv_macs + linear_macs) / 1e9)
+
+
+def test_format_table_shows_gflops_and_their_ratio_to_the_baseline_of_the_same_mode():
+    from d2ext.benchmark import format_table
+
+    rows = [{"name": "base", "mode": "inference", "seconds": 2.0, "memory_mb": 100, "gflops": 400.0,
+             "detections": [84]},
+            {"name": "new", "mode": "inference", "seconds": 1.5, "memory_mb": 50, "gflops": 340.0,
+             "detections": [100]},
+            {"name": "base", "mode": "train", "seconds": 4.0, "memory_mb": 200, "gflops": None, "detections": None}]
+    lines = format_table(rows, "base").splitlines()
+    assert lines[0] == ("| model | mode | median s | x baseline | peak MB | x baseline | GFLOP | x baseline | "
+                        "detections |")
+    assert lines[3] == "| new | inference | 1.500 | 0.75 | 50 | 0.50 | 340.0 | 0.85 | 100 |"
+    assert lines[4] == "| base | train | 4.000 | 1.00 | 200 | 1.00 | - | - | - |"
+    # Without counts (the scripts that time their own way) the table keeps its columns.
+    plain = [{k: v for k, v in row.items() if k not in ("gflops", "detections")} for row in rows]
+    assert "GFLOP" not in format_table(plain, "base")
 
 
 def test_learning_benchmark_averages_each_models_seeds(monkeypatch, capsys):

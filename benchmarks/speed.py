@@ -11,9 +11,9 @@ keeps few detections at its configured score threshold, so the baseline runs wit
 ``MODEL.ROI_HEADS.SCORE_THRESH_TEST 0`` (as in the other benchmarks; its mask head then runs on its
 detections) and --opts should lower the compared configs' thresholds likewise; the table shows the
 detections per image that each inference time includes, and each inference's GFLOP (convolutions and
-matrix products). Inference is also timed with all the models in
-one process, run alternately (--iters rounds): the median per-round ratio to the baseline is the steadier
-comparison where the machine's speed drifts between processes.
+matrix products). Inference is also timed with all the models in one process, run alternately (--iters
+rounds): the median per-round ratio to the baseline is the steadier comparison where the machine's speed
+drifts between processes.
 """
 import argparse
 import multiprocessing as mp
@@ -114,8 +114,9 @@ def measure_and_report(models, args, baseline_name):
         args: parsed ``add_measurement_arguments`` options.
     Returns:
         the table's rows: dicts with name, mode, seconds, memory_mb, detections (per image) and gflops (one
-        inference's convolutions and matrix products; both None in training) and, for inference rows after the first model, paired_ratio: the median per-round ratio to the first
-        model with the two run alternately in one process (:func:`interleaved_inference_ratios`).
+        inference's convolutions and matrix products; both None in training) and, for inference rows after
+        the first model, paired_ratio: the median per-round ratio to the first model with the two run
+        alternately in one process (:func:`interleaved_inference_ratios`).
     """
     from d2ext.benchmark import command_line, format_table, machine_description
 

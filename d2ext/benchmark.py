@@ -163,7 +163,7 @@ def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     seconds = median_seconds(step_counting_detections, device, warmup, iters)
-    memory_mb = peak_memory_mb(device)
+    memory_mb = peak_memory_mb(device)  # before the FLOP-counting call, which is not part of the measurement
     inference = mode == "inference"
     return {"seconds": seconds, "memory_mb": memory_mb, "detections": detections if inference else None,
             "gflops": inference_gflops(step) if inference else None}

@@ -115,8 +115,8 @@ def force_candidates(model, inputs, count, device):
 
 
 def measure_model(name, args):
-    """In a fresh process: latency, memory before inference, peak memory of inference, masks formed and
-    detections of one model."""
+    """In a fresh process: latency, memory before inference, peak memory of inference, GFLOP of one
+    inference (``d2ext.benchmark.inference_gflops``), masks formed and detections of one model."""
     import d2ext  # noqa: F401  (datasets)
     from d2ext import benchmark
     from d2ext.engine import setup_cfg
@@ -162,6 +162,8 @@ def measure_model(name, args):
         del outputs
         result["seconds"] = benchmark.median_seconds(lambda: model(inputs), args.device, args.warmup, args.iters)
         result["peak_mb"] = benchmark.peak_memory_mb(args.device)
+        # Counted after the memory reading: the counting call holds extra tensors.
+        result["gflops"] = benchmark.inference_gflops(lambda: model(inputs))
     return result
 
 
@@ -296,7 +298,8 @@ def main():
             results[name] = pool.submit(measure_model, name, args).result()
         r = results[name]
         print(f"{name}: {r['seconds']:.3f} s, peak {r['peak_mb']:.0f} MB ({r['before_mb']:.0f} before inference), "
-              f"{r['masks_formed']} masks formed, {r['detections']} detections", file=sys.stderr, flush=True)
+              f"{r['masks_formed']} masks formed, {r['detections']} detections, {r['gflops']:.1f} GFLOP",
+              file=sys.stderr, flush=True)
     with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
         mask_size, nms_seconds, nms_kept, overlapping = pool.submit(measure_nms, args).result()
 
@@ -309,8 +312,8 @@ def main():
           f"model in its own process")
     if results:
         print("\n### End to end vs Detectron2's Mask R-CNN R50-FPN\n")
-        rows = [{"name": n, "mode": "inference", "seconds": r["seconds"], "memory_mb": r["peak_mb"]}
-                for n, r in results.items()]
+        rows = [{"name": n, "mode": "inference", "seconds": r["seconds"], "memory_mb": r["peak_mb"],
+                 "gflops": r["gflops"]} for n, r in results.items()]
         print(format_table(rows, BASELINE))
 
     if SOLO in results:
@@ -369,8 +372,9 @@ def main():
           f"{speedup[ROWWISE]:.1f}x ({verdict(speedup[ROWWISE], MATRIX_NMS_TARGET, False, nms_conclusive)}); "
           f"vs {GREEDY}: {speedup[GREEDY]:.2f}x (it computes the same IoU matrix, then a loop over 500 booleans)")
     if SOLOV2 in results and BASELINE in results:
-        print(f"- SOLOv2 / Mask R-CNN end-to-end inference time: "
-              f"{results[SOLOV2]['seconds'] / results[BASELINE]['seconds']:.2f} (reported, no target)")
+        v2, base = results[SOLOV2], results[BASELINE]
+        print(f"- SOLOv2 / Mask R-CNN end-to-end inference time: {v2['seconds'] / base['seconds']:.2f}, "
+              f"arithmetic (GFLOP) {v2['gflops'] / base['gflops']:.2f} (reported, no target)")
     if not args.device.startswith("cuda"):
         print("- CPU run: latencies and the NMS ratio say nothing about a GPU (the references' numbers are GPU).")
 

@@ -47,9 +47,10 @@ def cat_profiles(profile_chunks, image_size, device=None):
 class MBRM(nn.Module):
     """Refine boxes with soft instance masks.
 
-    ``MBRM()`` (or ``MBRM(cfg)``, from ``MODEL.MBRM.*``) uses the official released kernel (s = 4) and constants (gamma 0.05, prior truncated
-    at density 0.0044). Another ``kernel_half_size`` starts from a zero kernel (flat likelihood: the
-    posterior is the prior, boxes stay put) and must be trained (:meth:`loss`).
+    ``MBRM()`` (or ``MBRM(cfg)``, from ``MODEL.MBRM.*``) uses the official released kernel (s = 4) and
+    constants (gamma 0.05, prior truncated at density 0.0044). Another ``kernel_half_size`` starts from a
+    zero kernel (flat likelihood: the posterior is the prior, boxes stay put) and must be trained
+    (:meth:`loss`).
     """
 
     @configurable

@@ -1,7 +1,6 @@
 """The MBRM training stage (the paper's; absent from the official code): the trained detector runs
 frozen in inference mode on training images, each detection whose box overlaps a GT box by
 ``iou_threshold`` or more is paired with that box, and MBRM learns from the detections' soft masks."""
-import torch
 from detectron2.structures import Boxes, pairwise_iou
 
 

@@ -17,7 +17,7 @@ def rename_reference_keys(module, state_dict, prefix, rename, error_msgs, source
         ignored: local names of the reference that carry no weights here (dropped).
     """
     own_shapes = {name: tuple(value.shape) for name, value in module.state_dict().items()}
-    for key in [k for k in state_dict.keys() if k.startswith(prefix)]:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
         local = key[len(prefix):]
         if local in own_shapes:
             continue

@@ -2,7 +2,7 @@
 """SOLO family benchmarks (issue 6), each comparison against its baseline measured in the same run:
 Decoupled SOLO's inference peak memory and latency vs SOLO, Matrix NMS vs greedy mask NMS on 500 masks
 (greedy NMS run three ways: the references', per kept mask, and the package's), and SOLOv2's end-to-end
-inference latency vs Detectron2's Mask R-CNN R50-FPN.
+inference latency and arithmetic (GFLOP: convolutions and matrix products) vs Detectron2's Mask R-CNN R50-FPN.
 
     python benchmarks/solo_bench.py                                          # 800 x 1333, CPU
     python benchmarks/solo_bench.py --size 256 448 --warmup 1 --iters 2 --threads 1   # a quick check

@@ -87,13 +87,15 @@ def measure_model(name, args):
     model, images = _model_and_images(name, args, args.images)
     with torch.no_grad():
         seconds = benchmark.median_seconds(lambda: model(images[:1]), args.device, args.warmup, args.iters)
-        gflops = benchmark.inference_gflops(lambda: model(images[:1]))
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(args.device)
         peaks = []
         for image in images:
             model([image])
             peaks.append(benchmark.peak_memory_mb(args.device))
+        # Counted after the memory readings: the counting call holds extra tensors, and the CPU peak (VmHWM)
+        # is not reset before the readings, so counting first could hide growth over the images.
+        gflops = benchmark.inference_gflops(lambda: model(images[:1]))
     return seconds, peaks, gflops
 
 

@@ -1,5 +1,7 @@
 from detectron2.config import CfgNode as CN
 
+from d2ext.config_checks import COUNT, FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE
+
 
 def add_rdsnet_config(cfg):
     """Add the config keys of rdsnet_d2 (``MODEL.RDSNET`` and ``MODEL.MBRM``) to ``cfg``.
@@ -43,3 +45,17 @@ def add_rdsnet_config(cfg):
     # windows (Mask R-CNN, BlendMask; one at a time on CPU) are made at once (bounds peak test memory)
     cfg.MODEL.MBRM.MASK_CHUNK_SIZE = 16
     return cfg
+
+
+# What each MODEL.RDSNET / MODEL.MBRM value must be (booleans and strings aside; REP_DIM, MASK_THRESHOLD,
+# MASK_CHUNK_SIZE and TOP_LEVELS are checked by the modules taking them). MODEL.MBRM is checked when an MBRM
+# is built from it (MBRM.ENABLED or TRAIN).
+RDSNET_REQUIREMENTS = {
+    "PIXEL_IN_FEATURES": NON_EMPTY, "PIXEL_CONV_DIM": COUNT, "MASK_SAMPLES_PER_IMAGE": COUNT,
+    "MASK_MIN_AREA": NON_NEGATIVE, "TRAIN_CROP_EXPAND": NON_NEGATIVE, "OHEM_NEG_POS_RATIO": POSITIVE,
+    "MASK_LOSS_WEIGHT": NON_NEGATIVE, "TEST_CROP_EXPAND": NON_NEGATIVE,
+}
+MBRM_REQUIREMENTS = {
+    "KERNEL_HALF_SIZE": NON_NEGATIVE, "GAMMA": NON_NEGATIVE, "PRIOR_CUTOFF": FRACTION, "TRAIN_IOU": FRACTION,
+    "MASK_CHUNK_SIZE": COUNT,
+}

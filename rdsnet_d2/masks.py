@@ -8,8 +8,10 @@ from detectron2.layers import cat
 from detectron2.structures import Boxes, Instances
 from torch.nn import functional as F
 
+from d2ext.config_checks import check_norm, check_values
 from d2ext.layers import ensure_gt_masks, padded_bitmasks, postprocess_full_image_masks
 
+from .config import RDSNET_REQUIREMENTS
 from .correlation import correlate
 from .cropping import crop_masks, expanded_crop_boxes
 from .mask_loss import IGNORE, ohem_mask_loss
@@ -34,6 +36,9 @@ class RDSNetMasks:
         if not cfg.MODEL.MASK_ON:
             raise ValueError("RDSNet trains on instance masks: set MODEL.MASK_ON True (the data mapper "
                              "loads masks only then)")
+        check_values(cfg.MODEL.RDSNET, "MODEL.RDSNET", RDSNET_REQUIREMENTS)
+        check_norm("MODEL.RDSNET.PIXEL_NORM", cfg.MODEL.RDSNET.PIXEL_NORM,
+                   {"MODEL.RDSNET.PIXEL_CONV_DIM": cfg.MODEL.RDSNET.PIXEL_CONV_DIM})
         use_mbrm = cfg.MODEL.MBRM.ENABLED or cfg.MODEL.MBRM.TRAIN
         return dict(
             pixel_stream=PixelStream(cfg, backbone_shape),

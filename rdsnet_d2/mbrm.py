@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
+from d2ext.config_checks import check_values
+
+from .config import MBRM_REQUIREMENTS
+
 # The constants of the official release (hard-coded there; released checkpoints hold no MBRM weights).
 OFFICIAL_KERNEL = (-0.2968, -0.2892, -0.2635, -3.2545, -0.1874, 2.5041, 0.0196, 0.0651, 0.0917)
 OFFICIAL_BIAS = -1.9536
@@ -73,6 +77,7 @@ class MBRM(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        check_values(cfg.MODEL.MBRM, "MODEL.MBRM", MBRM_REQUIREMENTS)
         return {"kernel_half_size": cfg.MODEL.MBRM.KERNEL_HALF_SIZE, "gamma": cfg.MODEL.MBRM.GAMMA,
                 "prior_cutoff": cfg.MODEL.MBRM.PRIOR_CUTOFF}
 

@@ -10,6 +10,8 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from torch import nn
 from torch.nn import functional as F
 
+from d2ext.config_checks import check_norm
+
 
 def _tower(in_channels, num_convs, norm):
     """``num_convs`` x (3x3 conv, norm, ReLU); biases only without norm."""
@@ -54,8 +56,10 @@ class RDSNetHead(nn.Module):
         anchors_per_cell = build_anchor_generator(cfg, input_shape).num_cell_anchors
         if len(set(anchors_per_cell)) != 1:
             raise ValueError("RDSNetHead: every level needs the same number of anchors per cell")
+        in_channels = channels.pop()
+        check_norm("MODEL.RDSNET.HEAD_NORM", cfg.MODEL.RDSNET.HEAD_NORM, {"the towers' input features": in_channels})
         return {
-            "in_channels": channels.pop(),
+            "in_channels": in_channels,
             "num_anchors": anchors_per_cell[0],
             "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
             "rep_dim": cfg.MODEL.RDSNET.REP_DIM,

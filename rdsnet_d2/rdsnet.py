@@ -4,7 +4,7 @@ MBRM as an optional box refinement and its own training stage."""
 import torch
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
-from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet, build_backbone
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from d2ext.config_checks import check_every_feature_read, check_in_features
@@ -40,7 +40,12 @@ class RDSNet(RDSNetMasks, RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        ret = super().from_config(cfg)  # backbone, anchors, matcher, box coder, loss / test settings
+        try:
+            ret = super().from_config(cfg)  # backbone, anchors, matcher, box coder, loss / test settings
+        except KeyError:  # Detectron2's RetinaNet indexes the backbone's shapes with its IN_FEATURES unchecked
+            check_in_features("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES,
+                              build_backbone(cfg).output_shape())
+            raise
         backbone_shape = ret["backbone"].output_shape()
         check_in_features("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, backbone_shape)
         check_every_feature_read(

@@ -11,8 +11,10 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils import comm
 from detectron2.utils.registry import Registry
 
-from d2ext.config_checks import check_in_features
+from d2ext.config_checks import check_in_features, check_norm, check_values
 from d2ext.layers import ReferenceCheckpointMixin, conv_norm_relu, conv_norm_relu_reference_key
+
+from .config import BASIS_MODULE_REQUIREMENTS
 
 BASIS_MODULE_REGISTRY = Registry("BASIS_MODULE")
 BASIS_MODULE_REGISTRY.__doc__ = """
@@ -85,9 +87,10 @@ class ProtoNet(ReferenceCheckpointMixin, nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         basis = cfg.MODEL.BASIS_MODULE
+        check_values(basis, "MODEL.BASIS_MODULE", BASIS_MODULE_REQUIREMENTS)
         check_in_features("MODEL.BASIS_MODULE.IN_FEATURES", basis.IN_FEATURES, input_shape)
-        if basis.NUM_BASES < 1:
-            raise ValueError(f"MODEL.BASIS_MODULE.NUM_BASES must be >= 1, got {basis.NUM_BASES}")
+        check_norm("MODEL.BASIS_MODULE.NORM", basis.NORM,
+                   {"MODEL.BASIS_MODULE.CONVS_DIM": basis.CONVS_DIM})
         first_stride = input_shape[basis.IN_FEATURES[0]].stride
         if basis.LOSS_ON and basis.COMMON_STRIDE != first_stride:
             raise ValueError(f"MODEL.BASIS_MODULE.COMMON_STRIDE {basis.COMMON_STRIDE} must equal the stride "

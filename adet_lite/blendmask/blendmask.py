@@ -7,6 +7,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, bu
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 
+from d2ext.config_checks import check_values
 from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, padded_bitmasks, postprocess_per_image,
                           register_empty_load_check, semantic_targets)
 
@@ -17,6 +18,7 @@ from ..fcos.targets import centerness_targets
 from ..mbrm import mbrm_options
 from .basis_module import build_basis_module
 from .blender import Blender, blender_mask_loss
+from .config import BLENDMASK_REQUIREMENTS
 from .panoptic import panoptic_options, panoptic_postprocess, sem_seg_targets
 
 
@@ -91,6 +93,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
     @classmethod
     def from_config(cls, cfg):
         check_fcos_proposal_generator(cfg, "BlendMask")
+        check_values(cfg.MODEL.BLENDMASK, "MODEL.BLENDMASK", BLENDMASK_REQUIREMENTS)
         if cfg.MODEL.BLENDMASK.VISUALIZE:
             raise ValueError("MODEL.BLENDMASK.VISUALIZE=True (AdelaiDet's basis visualisation) is not supported")
         backbone = build_backbone(cfg)

@@ -1,5 +1,7 @@
 from detectron2.config import CfgNode as CN
 
+from d2ext.config_checks import COUNT, NON_EMPTY, NON_NEGATIVE, POSITIVES, one_of
+
 
 def add_blendmask_config(cfg):
     """Add ``MODEL.BLENDMASK`` and ``MODEL.BASIS_MODULE`` (AdelaiDet's names and defaults) to ``cfg``."""
@@ -28,3 +30,14 @@ def add_blendmask_config(cfg):
     _M.NUM_CLASSES = 80  # foreground classes of the semantic loss (+1 background channel)
     _M.LOSS_WEIGHT = 0.3  # weight of the semantic loss (loss_basis_sem)
     return cfg
+
+
+# What each MODEL.BLENDMASK / MODEL.BASIS_MODULE value must be (booleans and the other strings aside).
+BLENDMASK_REQUIREMENTS = {
+    "ATTN_SIZE": COUNT, "BOTTOM_RESOLUTION": COUNT, "POOLER_TYPE": one_of("ROIAlignV2", "ROIAlign", "ROIPool"),
+    "POOLER_SCALES": POSITIVES, "INSTANCE_LOSS_WEIGHT": NON_NEGATIVE,
+}
+BASIS_MODULE_REQUIREMENTS = {
+    "NUM_BASES": COUNT, "CONVS_DIM": COUNT, "IN_FEATURES": NON_EMPTY, "NUM_CONVS": NON_NEGATIVE,
+    "NUM_CLASSES": COUNT, "LOSS_WEIGHT": NON_NEGATIVE,
+}

@@ -9,6 +9,7 @@ from detectron2.layers import cat
 from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 
+from d2ext.config_checks import check_values
 from d2ext.layers import (PixelNormalizationMixin, aligned_bilinear, ensure_gt_masks, padded_bitmasks,
                           postprocess_full_image_masks, postprocess_per_image, register_empty_load_check)
 
@@ -17,6 +18,7 @@ from ..fcos.head import top_feats_conv
 from ..mbrm import mbrm_options
 
 from .boxinst import add_box_bitmask_targets, boxinst_losses, color_similarity, rgb_to_lab
+from .config import BOXINST_REQUIREMENTS, CONDINST_REQUIREMENTS
 from .dynamic_mask_head import DynamicMaskHead
 from .mask_branch import MaskBranch
 from .sampling import sample_positives
@@ -80,8 +82,10 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         if cfg.MODEL.CONDINST.BOTTOM_PIXELS_REMOVED != -1:
             raise ValueError("MODEL.CONDINST.BOTTOM_PIXELS_REMOVED is not used by adet_lite: keep -1 "
                              "(BoxInst reads MODEL.BOXINST.BOTTOM_PIXELS_REMOVED)")
+        check_values(cfg.MODEL.CONDINST, "MODEL.CONDINST", CONDINST_REQUIREMENTS)
         boxinst = None
         if cfg.MODEL.BOXINST.ENABLED:
+            check_values(cfg.MODEL.BOXINST, "MODEL.BOXINST", BOXINST_REQUIREMENTS)
             pairwise = cfg.MODEL.BOXINST.PAIRWISE
             if pairwise.SIZE % 2 == 0 or pairwise.SIZE < 3:
                 raise ValueError(f"MODEL.BOXINST.PAIRWISE.SIZE must be an odd number >= 3, got {pairwise.SIZE}")

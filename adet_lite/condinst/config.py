@@ -1,5 +1,7 @@
 from detectron2.config import CfgNode as CN
 
+from d2ext.config_checks import COUNT, COUNT_OR_OFF, FRACTION, NON_EMPTY, NON_NEGATIVE
+
 
 def add_condinst_config(cfg):
     """Add ``MODEL.CONDINST`` and ``MODEL.BOXINST`` (AdelaiDet's names and defaults) to ``cfg``."""
@@ -34,3 +36,15 @@ def add_condinst_config(cfg):
     _B.PAIRWISE.WARMUP_ITERS = 10000  # BoxInst: warm-up of the pairwise loss
     _B.PAIRWISE.COLOR_THRESH = 0.3  # BoxInst: colour-similarity threshold
     return cfg
+
+
+# What each MODEL.CONDINST / MODEL.BOXINST value must be (booleans and strings aside).
+CONDINST_REQUIREMENTS = {
+    "MASK_OUT_STRIDE": COUNT, "MAX_PROPOSALS": COUNT_OR_OFF, "TOPK_PROPOSALS_PER_IM": COUNT_OR_OFF,
+    "MASK_HEAD.CHANNELS": COUNT, "MASK_BRANCH.OUT_CHANNELS": COUNT, "MASK_BRANCH.IN_FEATURES": NON_EMPTY,
+    "MASK_BRANCH.CHANNELS": COUNT, "MASK_BRANCH.NUM_CONVS": NON_NEGATIVE,
+}
+BOXINST_REQUIREMENTS = {
+    "BOTTOM_PIXELS_REMOVED": NON_NEGATIVE, "PAIRWISE.DILATION": COUNT, "PAIRWISE.WARMUP_ITERS": NON_NEGATIVE,
+    "PAIRWISE.COLOR_THRESH": FRACTION,
+}

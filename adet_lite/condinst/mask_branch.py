@@ -8,7 +8,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 
-from d2ext.config_checks import check_in_features
+from d2ext.config_checks import check_in_features, check_norm
 from d2ext.layers import (ReferenceCheckpointMixin, aligned_bilinear, conv_norm_relu, conv_norm_relu_reference_key,
                           semantic_targets)
 
@@ -51,6 +51,8 @@ class MaskBranch(ReferenceCheckpointMixin, nn.Module):
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         branch = cfg.MODEL.CONDINST.MASK_BRANCH
         check_in_features("MODEL.CONDINST.MASK_BRANCH.IN_FEATURES", branch.IN_FEATURES, input_shape)
+        check_norm("MODEL.CONDINST.MASK_BRANCH.NORM", branch.NORM,
+                   {"MODEL.CONDINST.MASK_BRANCH.CHANNELS": branch.CHANNELS})
         return {
             "input_shape": input_shape,
             "in_features": branch.IN_FEATURES,

@@ -1,5 +1,8 @@
 from detectron2.config import CfgNode as CN
 
+from d2ext.config_checks import (COUNT, COUNTS, FOCAL_ALPHA, FRACTION, INCREASING, NON_EMPTY, NON_NEGATIVE,
+                                 POSITIVE, PRIOR)
+
 
 def add_fcos_config(cfg):
     """Add ``MODEL.FCOS`` (AdelaiDet's names and defaults) to ``cfg``."""
@@ -44,3 +47,15 @@ def check_fcos_proposal_generator(cfg, model_name):
     if cfg.MODEL.PROPOSAL_GENERATOR.NAME != "FCOS":
         raise ValueError(f"{model_name} needs MODEL.PROPOSAL_GENERATOR.NAME 'FCOS', got "
                          f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
+
+
+# What each MODEL.FCOS value must be (the others are strings checked against their choices, or booleans).
+FCOS_REQUIREMENTS = {
+    "NUM_CLASSES": COUNT, "IN_FEATURES": NON_EMPTY, "FPN_STRIDES": COUNTS, "PRIOR_PROB": PRIOR,
+    "INFERENCE_TH_TRAIN": FRACTION, "INFERENCE_TH_TEST": FRACTION, "NMS_TH": FRACTION,
+    "PRE_NMS_TOPK_TRAIN": COUNT, "PRE_NMS_TOPK_TEST": COUNT,  # (POST_NMS_TOPK_*: any; <= 0 keeps all, as AdelaiDet)
+    "LOSS_ALPHA": FOCAL_ALPHA, "LOSS_GAMMA": NON_NEGATIVE, "LOSS_WEIGHT_CLS": NON_NEGATIVE,
+    "SIZES_OF_INTEREST": INCREASING, "NUM_CLS_CONVS": NON_NEGATIVE, "NUM_BOX_CONVS": NON_NEGATIVE,
+    "NUM_SHARE_CONVS": NON_NEGATIVE, "POS_RADIUS": POSITIVE,
+}
+

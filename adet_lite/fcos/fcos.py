@@ -7,8 +7,9 @@ from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
-from d2ext.config_checks import check_in_features
+from d2ext.config_checks import check_in_features, check_norm, check_values
 
+from .config import FCOS_REQUIREMENTS
 from .head import FCOSHead, is_top_feats_conv, top_feats_at_locations
 from .inference import fcos_inference_single_image
 from .losses import BOX_QUALITIES, LOC_LOSS_TYPES, fcos_losses, sum_over_workers
@@ -74,7 +75,9 @@ class FCOS(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         fcos = cfg.MODEL.FCOS
+        check_values(fcos, "MODEL.FCOS", FCOS_REQUIREMENTS)
         check_in_features("MODEL.FCOS.IN_FEATURES", fcos.IN_FEATURES, input_shape)
+        check_norm("MODEL.FCOS.NORM", fcos.NORM, {"the towers": input_shape[fcos.IN_FEATURES[0]].channels})
         return {
             "head": FCOSHead(cfg, [input_shape[f] for f in fcos.IN_FEATURES]),
             "in_features": fcos.IN_FEATURES,

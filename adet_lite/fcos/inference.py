@@ -40,7 +40,7 @@ def nms_of_highest(boxes, scores, classes, iou_threshold, max_detections, first=
         survivor indices by decreasing score: all of ``batched_nms``'s, or at least the top
         ``max_detections`` of them.
     """
-    if scores.shape[0] > first and not torch.jit.is_tracing():  # traced: no branch on the survivor count
+    if 0 < max_detections and first < scores.shape[0] and not torch.jit.is_tracing():  # traced: no branch on counts
         highest = scores.topk(first).indices
         keep = batched_nms(boxes[highest], scores[highest], classes[highest], iou_threshold)
         if keep.shape[0] >= max_detections:
@@ -65,10 +65,11 @@ def fcos_inference_single_image(logits: List[torch.Tensor], box_reg: List[torch.
             dynamic-head parameters), carried to the detections as ``top_feat``.
         score_thresh: candidates need sigmoid(cls) (times sigmoid(ctr) with ``thresh_with_ctr``) above it.
         topk_candidates: at most this many candidates per level.
+        max_detections: detections kept per image after NMS (<= 0: all, as AdelaiDet's ``POST_NMS_TOPK``).
     Returns:
         ``Instances`` with ``pred_boxes``, ``scores`` (sqrt(cls * ctr)), ``pred_classes``,
         ``locations``, ``fpn_levels`` (and ``top_feat``), sorted by decreasing score, at most about
-        ``max_detections`` (score ties at the cut-off are kept).
+        ``max_detections`` if it is > 0 (score ties at the cut-off are kept).
     """
     boxes_all, scores_all, classes_all, locations_all, levels_all, feats_all = [], [], [], [], [], []
     for level, (logits_l, reg_l, quality_l, loc_l, stride) in enumerate(
@@ -96,7 +97,8 @@ def fcos_inference_single_image(logits: List[torch.Tensor], box_reg: List[torch.
 
     boxes, scores, classes = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(classes_all)
     keep = nms_of_highest(boxes, scores, classes, nms_thresh, max_detections)
-    keep = keep[keep_top_scores(scores[keep], max_detections)]
+    if max_detections > 0:  # AdelaiDet: a cap <= 0 keeps every detection
+        keep = keep[keep_top_scores(scores[keep], max_detections)]
 
     result = Instances(image_size)
     result.pred_boxes = Boxes(boxes[keep])

@@ -1,5 +1,8 @@
 from detectron2.config import CfgNode as CN
 
+from d2ext.config_checks import (COUNT, COUNTS, FOCAL_ALPHA, FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE, PRIOR,
+                                 Requirement)
+
 
 def _add_grid_head_keys(node, instance_channels, num_instance_convs):
     """Keys shared by MODEL.SOLO and MODEL.SOLOV2 (AdelaiDet's names and defaults)."""
@@ -83,3 +86,21 @@ def add_solo_config(cfg):
     # bilinearly by the ratio, as CondInst's MASK_OUT_STRIDE.
     cfg.MODEL.SOLOV2.MASK_OUT_STRIDE = 4
     return cfg
+
+
+SCALE_RANGES = Requirement(lambda v: all(len(r) == 2 and 0 <= r[0] <= r[1] for r in v),
+                           "a list of (low, high) pairs with 0 <= low <= high")
+# What each value of MODEL.SOLO and MODEL.SOLOV2 must be (booleans and strings aside; the per-level lists
+# also need one entry per level, checked beside).
+GRID_HEAD_REQUIREMENTS = {
+    "INSTANCE_IN_FEATURES": NON_EMPTY, "FPN_INSTANCE_STRIDES": COUNTS, "FPN_SCALE_RANGES": SCALE_RANGES,
+    "SIGMA": NON_NEGATIVE, "INSTANCE_CHANNELS": COUNT, "NUM_INSTANCE_CONVS": COUNT, "NUM_GRIDS": COUNTS,
+    "NUM_CLASSES": COUNT, "PRIOR_PROB": PRIOR, "NMS_PRE": COUNT, "SCORE_THR": FRACTION, "UPDATE_THR": FRACTION,
+    "MASK_THR": FRACTION, "MAX_PER_IMG": COUNT, "NMS_SIGMA": POSITIVE, "MASK_NMS_THR": FRACTION,
+    "LOSS.FOCAL_ALPHA": FOCAL_ALPHA, "LOSS.FOCAL_GAMMA": NON_NEGATIVE, "LOSS.FOCAL_WEIGHT": NON_NEGATIVE,
+    "LOSS.DICE_WEIGHT": NON_NEGATIVE,
+}
+SOLOV2_REQUIREMENTS = {
+    **GRID_HEAD_REQUIREMENTS, "NUM_KERNELS": COUNT, "MASK_IN_FEATURES": NON_EMPTY, "MASK_CHANNELS": COUNT,
+    "NUM_MASKS": COUNT, "MASK_OUT_STRIDE": COUNT,
+}

@@ -9,7 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Instances
 
-from d2ext.config_checks import check_in_features
+from d2ext.config_checks import check_in_features, check_norm, check_values
 from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, mask_bounding_boxes, padded_bitmasks,
                           postprocess_full_image_masks, postprocess_per_image, register_empty_load_check,
                           rename_reference_keys)
@@ -17,6 +17,7 @@ from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, mask_boundin
 from ..mbrm import mbrm_options
 from .category_branch import CategoryBranch
 from .checkpoint import reference_format, rename_reference_key
+from .config import GRID_HEAD_REQUIREMENTS, SOLOV2_REQUIREMENTS
 from .inference import NMS_TYPES, GridInferenceParams, select_instances
 from .losses import solo_category_loss, solo_mask_loss
 from .nms import point_nms
@@ -29,8 +30,11 @@ SOLO_VARIANTS = ("SOLO", "DecoupledSOLO", "DecoupledSOLOLight")
 _AREA_FILTER_MASK_STRIDE = 4
 
 
-def _grid_options(node, node_name):
-    """Options common to MODEL.SOLO and MODEL.SOLOV2, validated with errors that name the key."""
+def _grid_options(node, node_name, requirements):
+    """Options common to MODEL.SOLO and MODEL.SOLOV2, validated (with ``requirements``, the node's
+    ``*_REQUIREMENTS``) with errors that name the key."""
+    check_values(node, node_name, requirements)
+    check_norm(f"{node_name}.NORM", node.NORM, {f"{node_name}.INSTANCE_CHANNELS": node.INSTANCE_CHANNELS})
     num_levels = len(node.INSTANCE_IN_FEATURES)
     for key in ("FPN_INSTANCE_STRIDES", "FPN_SCALE_RANGES", "NUM_GRIDS"):
         if len(node[key]) != num_levels:
@@ -42,8 +46,6 @@ def _grid_options(node, node_name):
         raise ValueError(f"{node_name}.NMS_TYPE must be one of {NMS_TYPES}, got {node.NMS_TYPE!r}")
     if node.NMS_KERNEL not in ("gaussian", "linear"):
         raise ValueError(f"{node_name}.NMS_KERNEL must be 'gaussian' or 'linear', got {node.NMS_KERNEL!r}")
-    if any(s <= 0 for s in node.NUM_GRIDS):
-        raise ValueError(f"{node_name}.NUM_GRIDS must be positive, got {list(node.NUM_GRIDS)}")
     return {
         "instance_in_features": list(node.INSTANCE_IN_FEATURES),
         "instance_strides": list(node.FPN_INSTANCE_STRIDES),
@@ -143,7 +145,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         if node.VARIANT not in SOLO_VARIANTS:
             raise ValueError(f"MODEL.SOLO.VARIANT must be one of {SOLO_VARIANTS}, got {node.VARIANT!r}")
         backbone = build_backbone(cfg)
-        options = _grid_options(node, "MODEL.SOLO")
+        options = _grid_options(node, "MODEL.SOLO", GRID_HEAD_REQUIREMENTS)
         in_channels = _instance_channels(backbone, options["instance_in_features"], "MODEL.SOLO.INSTANCE_IN_FEATURES")
         tower = dict(in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
                      norm=node.NORM, num_grids=node.NUM_GRIDS, prior_prob=node.PRIOR_PROB)
@@ -307,7 +309,8 @@ class SOLOv2(SOLO):
     def from_config(cls, cfg):
         node = cfg.MODEL.SOLOV2
         backbone = build_backbone(cfg)
-        options = _grid_options(node, "MODEL.SOLOV2")
+        options = _grid_options(node, "MODEL.SOLOV2", SOLOV2_REQUIREMENTS)
+        check_norm("MODEL.SOLOV2.NORM", node.NORM, {"MODEL.SOLOV2.MASK_CHANNELS": node.MASK_CHANNELS})
         in_channels = _instance_channels(backbone, options["instance_in_features"], "MODEL.SOLOV2.INSTANCE_IN_FEATURES")
         mask_in_channels = _instance_channels(backbone, node.MASK_IN_FEATURES, "MODEL.SOLOV2.MASK_IN_FEATURES")
         if in_channels != node.INSTANCE_IN_CHANNELS:
@@ -320,7 +323,7 @@ class SOLOv2(SOLO):
             raise ValueError(f"MODEL.SOLOV2.NUM_MASKS ({node.NUM_MASKS}) must equal NUM_KERNELS ({node.NUM_KERNELS}): "
                              "kernels are 1x1 convs over the mask features")
         feature_stride = backbone.output_shape()[node.MASK_IN_FEATURES[0]].stride
-        if node.MASK_OUT_STRIDE <= 0 or feature_stride % node.MASK_OUT_STRIDE:
+        if feature_stride % node.MASK_OUT_STRIDE:
             raise ValueError(f"MODEL.SOLOV2.MASK_OUT_STRIDE must divide the stride {feature_stride} of "
                              f"MASK_IN_FEATURES[0] ({node.MASK_IN_FEATURES[0]}), got {node.MASK_OUT_STRIDE}")
         kernel_branch = KernelBranch(

@@ -234,6 +234,25 @@ def test_inference_matches_loop_reference(thresh_with_ctr):
     assert result.fpn_levels.tolist() == [item[3] for item in kept]
 
 
+@pytest.mark.parametrize("cap", [0, -1])
+def test_inference_cap_of_zero_or_less_keeps_every_detection(cap):
+    """AdelaiDet's ``POST_NMS_TOPK_*`` <= 0 means no per-image cap: all of NMS's survivors, as with a cap above
+    their number."""
+    torch.manual_seed(2)
+    locations = [compute_locations(8, 8, 8, "cpu")]
+    logits, box_reg, quality = [torch.randn(64, 3) + 1], [torch.rand(64, 4) * 2], [torch.randn(64)]
+
+    def detect(max_detections):
+        return fcos_inference_single_image(logits, box_reg, quality, locations, [8], (64, 64), score_thresh=0.05,
+                                           topk_candidates=1000, nms_thresh=0.6, max_detections=max_detections,
+                                           thresh_with_ctr=False)
+
+    uncapped, capped = detect(cap), detect(1000)
+    assert len(capped) > 5
+    assert uncapped.scores.tolist() == capped.scores.tolist()
+    assert len(detect(5)) == 5
+
+
 def _greedy_nms_loop(boxes, scores, classes, iou_threshold):
     """Class-aware greedy NMS, one box at a time: survivors by decreasing score."""
     kept = []

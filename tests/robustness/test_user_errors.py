@@ -205,6 +205,45 @@ def test_wrong_value_type_is_an_error_naming_the_key(key, value, tmp_path):
         setup_cfg(_yaml_overriding(tmp_path, base, key, value))
 
 
+# Values of the right type but out of range, each failing deep inside a tensor op (or, for the thresholds,
+# accepted with silently empty or wrong output) before the models checked them; found by trying 0, -1, 2.0,
+# "bogus" and shortened or negated lists on every key of the packages' config nodes.
+# (model, opts, the key the error must name)
+OUT_OF_RANGE = [
+    ("fcos", ["MODEL.FCOS.NUM_CLASSES", "0"], "MODEL.FCOS.NUM_CLASSES"),
+    ("fcos", ["MODEL.FCOS.PRIOR_PROB", "0.0"], "MODEL.FCOS.PRIOR_PROB"),
+    ("fcos", ["MODEL.FCOS.PRE_NMS_TOPK_TEST", "-1"], "MODEL.FCOS.PRE_NMS_TOPK_TEST"),
+    ("fcos", ["MODEL.FCOS.INFERENCE_TH_TEST", "2.0"], "MODEL.FCOS.INFERENCE_TH_TEST"),
+    ("fcos", ["MODEL.FCOS.FPN_STRIDES", "[-8, -16, -32, -64, -128]"], "MODEL.FCOS.FPN_STRIDES"),
+    ("fcos", ["MODEL.FCOS.NORM", "bogus"], "MODEL.FCOS.NORM"),
+    ("condinst", ["MODEL.CONDINST.MASK_OUT_STRIDE", "0"], "MODEL.CONDINST.MASK_OUT_STRIDE"),
+    ("condinst", ["MODEL.CONDINST.MAX_PROPOSALS", "0"], "MODEL.CONDINST.MAX_PROPOSALS"),
+    ("condinst", ["MODEL.CONDINST.MASK_BRANCH.NORM", "GN", "MODEL.CONDINST.MASK_BRANCH.CHANNELS", "48"],
+     "MODEL.CONDINST.MASK_BRANCH.NORM"),
+    ("blendmask", ["MODEL.BLENDMASK.ATTN_SIZE", "0"], "MODEL.BLENDMASK.ATTN_SIZE"),
+    ("blendmask", ["MODEL.BLENDMASK.POOLER_TYPE", "bogus"], "MODEL.BLENDMASK.POOLER_TYPE"),
+    ("blendmask", ["MODEL.BASIS_MODULE.CONVS_DIM", "0"], "MODEL.BASIS_MODULE.CONVS_DIM"),
+    ("solo", ["MODEL.SOLO.NUM_INSTANCE_CONVS", "0"], "MODEL.SOLO.NUM_INSTANCE_CONVS"),
+    ("solo", ["MODEL.SOLO.FPN_INSTANCE_STRIDES", "[-8, -8, -16, -32, -32]"], "MODEL.SOLO.FPN_INSTANCE_STRIDES"),
+    ("decoupled_solo", ["MODEL.SOLO.SIGMA", "-1.0"], "MODEL.SOLO.SIGMA"),
+    ("solov2", ["MODEL.SOLOV2.MASK_CHANNELS", "0"], "MODEL.SOLOV2.MASK_CHANNELS"),
+    ("solov2", ["MODEL.SOLOV2.NORM", "bogus"], "MODEL.SOLOV2.NORM"),
+    ("solov2", ["MODEL.SOLOV2.MASK_THR", "2.0"], "MODEL.SOLOV2.MASK_THR"),
+    ("rdsnet", ["MODEL.RDSNET.PIXEL_CONV_DIM", "0"], "MODEL.RDSNET.PIXEL_CONV_DIM"),
+    ("rdsnet", ["MODEL.RDSNET.HEAD_NORM", "bogus"], "MODEL.RDSNET.HEAD_NORM"),
+    ("rdsnet", ["MODEL.RDSNET.TRAIN_CROP_EXPAND", "-1.0"], "MODEL.RDSNET.TRAIN_CROP_EXPAND"),
+    ("rdsnet", ["MODEL.RDSNET.TOP_LEVELS", "0"], "MODEL.RETINANET.IN_FEATURES"),
+    ("rdsnet", ["MODEL.MBRM.ENABLED", "True", "MODEL.MBRM.KERNEL_HALF_SIZE", "-1"], "MODEL.MBRM.KERNEL_HALF_SIZE"),
+    ("nlroi_mask_rcnn", ["MODEL.NL_ROI.EMBED_CHANNELS", "0"], "MODEL.NL_ROI.EMBED_CHANNELS"),
+]
+
+
+@pytest.mark.parametrize("name, opts, key", OUT_OF_RANGE, ids=[" ".join(opts) for _, opts, _ in OUT_OF_RANGE])
+def test_out_of_range_value_is_an_error_naming_the_key_when_the_model_is_built(name, opts, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        build_tiny_model(model_cfg(name, opts))
+
+
 @pytest.mark.parametrize("config", ["fcos_R18_synthetic.yaml", "nlroi_mask_rcnn_R18_FPN_synthetic.yaml",
                                     "mask_rcnn_R18_FPN_synthetic.yaml"])
 def test_mbrm_switch_on_a_model_without_mbrm_is_an_error(config):

@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet, build_backbone
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from d2ext.config_checks import check_every_feature_read, check_in_features
-from d2ext.layers import capped_count, register_empty_load_check
+from d2ext.layers import capped_count, check_input_images, register_empty_load_check
 
 from .checkpoint import rename_official_rdsnet_keys
 from .masks import RDSNetMasks
@@ -61,6 +61,10 @@ class RDSNet(RDSNetMasks, RetinaNet):
                                     len(cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])),
         )
         return ret
+
+    def preprocess_image(self, batched_inputs):
+        check_input_images(batched_inputs)
+        return super().preprocess_image(batched_inputs)
 
     def _run_streams(self, batched_inputs):
         images = self.preprocess_image(batched_inputs)

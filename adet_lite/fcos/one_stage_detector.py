@@ -2,7 +2,8 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, ProposalNetwork
 from detectron2.modeling.postprocessing import detector_postprocess
 
-from d2ext.layers import PixelNormalizationMixin, postprocess_per_image, register_empty_load_check
+from d2ext.layers import (PixelNormalizationMixin, check_input_images, postprocess_per_image,
+                          register_empty_load_check)
 
 
 @META_ARCH_REGISTRY.register()
@@ -22,6 +23,7 @@ class OneStageDetector(PixelNormalizationMixin, ProposalNetwork):
 
     def forward(self, batched_inputs):
         if self.training:
+            check_input_images(batched_inputs)  # ProposalNetwork normalises the images without preprocess_image
             return super().forward(batched_inputs)
         return self.inference(batched_inputs)
 

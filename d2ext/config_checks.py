@@ -44,7 +44,7 @@ FOCAL_ALPHA = Requirement(lambda v: v <= 1, "in [0, 1], or negative for no class
 NON_EMPTY = Requirement(lambda v: len(v) > 0, "a non-empty list")
 POSITIVES = Requirement(lambda v: len(v) > 0 and all(x > 0 for x in v), "a non-empty list of numbers > 0")
 COUNTS = Requirement(lambda v: len(v) > 0 and all(x >= 1 for x in v), "a non-empty list of integers >= 1")
-INCREASING = Requirement(lambda v: all(0 < a < b for a, b in zip(v, v[1:])) and all(x > 0 for x in v),
+INCREASING = Requirement(lambda v: all(x > 0 for x in v) and all(a < b for a, b in zip(v, v[1:])),
                          "a list of increasing numbers > 0")
 
 

@@ -42,8 +42,6 @@ def build_inference_mbrm(cfg, model_name):
     if not cfg.MODEL.MASK_ON:
         raise ValueError(f"MODEL.MBRM.ENABLED refines {model_name}'s boxes from its predicted masks: set "
                          "MODEL.MASK_ON True")
-    if node.MASK_CHUNK_SIZE < 1:
-        raise ValueError(f"MODEL.MBRM.MASK_CHUNK_SIZE must be >= 1, got {node.MASK_CHUNK_SIZE}")
     return MBRM(cfg).requires_grad_(False)
 
 

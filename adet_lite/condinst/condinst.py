@@ -195,7 +195,8 @@ class CondInst(PixelNormalizationMixin, nn.Module):
             return {"loss_prj": zero, "loss_pairwise": zero}
         logits = self.mask_head(mask_feats, self.mask_branch.out_stride, positives)
         box_masks = cat([x.gt_bitmasks for x in gt_instances])[positives.gt_inds][:, None]
-        warmup_factor = min((get_event_storage().iter + 1) / self.boxinst["warmup_iters"], 1.0)
+        warmup_iters = self.boxinst["warmup_iters"]  # 0: no warm-up
+        warmup_factor = min((get_event_storage().iter + 1) / warmup_iters, 1.0) if warmup_iters else 1.0
         return boxinst_losses(logits, box_masks, similarity[positives.im_inds],
                               kernel_size=self.boxinst["kernel_size"], dilation=self.boxinst["dilation"],
                               color_thresh=self.boxinst["color_thresh"], warmup_factor=warmup_factor)

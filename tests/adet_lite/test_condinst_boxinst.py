@@ -123,6 +123,11 @@ def test_train_step_from_boxes_with_an_empty_image_and_warmup():
     torch.manual_seed(0)
     quarter = train_step(warm, batch)["loss_pairwise"]
     assert quarter == pytest.approx(full / 4, rel=1e-4)
+    # WARMUP_ITERS 0: no warm-up, the full loss from the first iteration (it divided by zero).
+    torch.manual_seed(0)
+    no_warmup = train_step(build_tiny_model(tiny_cfg(BOXINST_YAML, SMALL + ["MODEL.BOXINST.PAIRWISE.WARMUP_ITERS", 0])),
+                           batch)["loss_pairwise"]
+    assert no_warmup == pytest.approx(full, rel=1e-4)
 
     model.eval()
     inp = dataset_batch(cfg, is_train=False, indices=(0,))

@@ -1,5 +1,7 @@
 from detectron2.config import CfgNode as CN
 
+from d2ext.config_checks import COUNT
+
 
 def add_nlroi_config(cfg):
     """Add the config keys of nlroi_d2 to ``cfg`` (call before ``merge_from_file``)."""
@@ -31,3 +33,7 @@ def add_nlroi_config(cfg):
     # The beta of TEMP_AVG, GENERALIZED_AVG and QUASI_SUM.
     cfg.MODEL.ROI_HEADS.BOX_VOTE.BETA = 1.0
     return cfg
+
+
+# What each MODEL.NL_ROI value must be (SCALE_AFFINITY aside); Soft-NMS and box voting check their own.
+NL_ROI_REQUIREMENTS = {"EMBED_CHANNELS": COUNT, "G_CHANNELS": COUNT}

@@ -2,15 +2,16 @@
 in front of it."""
 from detectron2.layers import ShapeSpec
 
-from d2ext.config_checks import COUNT, check_values
+from d2ext.config_checks import check_values
 
 from .block import NLRoIBlock
+from .config import NL_ROI_REQUIREMENTS
 from .input_extension import ExtendedInputConv2d, ExtendedInputLinear, extend_input
 
 
 def nl_roi_args_from_config(cfg):
     """The keyword arguments of the NL-RoI heads that come from ``MODEL.NL_ROI``."""
-    check_values(cfg.MODEL.NL_ROI, "MODEL.NL_ROI", {"EMBED_CHANNELS": COUNT, "G_CHANNELS": COUNT})
+    check_values(cfg.MODEL.NL_ROI, "MODEL.NL_ROI", NL_ROI_REQUIREMENTS)
     return {
         "nl_embed_channels": cfg.MODEL.NL_ROI.EMBED_CHANNELS,
         "nl_g_channels": cfg.MODEL.NL_ROI.G_CHANNELS,

@@ -61,9 +61,10 @@ class MBRM(nn.Module):
     def __init__(self, kernel_half_size=4, gamma=0.05, prior_cutoff=0.0044):
         super().__init__()
         if kernel_half_size < 0:
-            raise ValueError(f"MBRM: kernel_half_size must be >= 0, got {kernel_half_size}")
+            raise ValueError(f"MBRM: kernel_half_size (MODEL.MBRM.KERNEL_HALF_SIZE) must be >= 0, "
+                             f"got {kernel_half_size}")
         if gamma < 0:
-            raise ValueError(f"MBRM: gamma must be >= 0, got {gamma}")
+            raise ValueError(f"MBRM: gamma (MODEL.MBRM.GAMMA) must be >= 0, got {gamma}")
         self.kernel_half_size = kernel_half_size
         self.gamma = gamma
         self.prior_cutoff = prior_cutoff

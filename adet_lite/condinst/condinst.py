@@ -87,8 +87,6 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         if cfg.MODEL.BOXINST.ENABLED:
             check_values(cfg.MODEL.BOXINST, "MODEL.BOXINST", BOXINST_REQUIREMENTS)
             pairwise = cfg.MODEL.BOXINST.PAIRWISE
-            if pairwise.SIZE % 2 == 0 or pairwise.SIZE < 3:
-                raise ValueError(f"MODEL.BOXINST.PAIRWISE.SIZE must be an odd number >= 3, got {pairwise.SIZE}")
             boxinst = {"bottom_pixels_removed": cfg.MODEL.BOXINST.BOTTOM_PIXELS_REMOVED, "kernel_size": pairwise.SIZE,
                        "dilation": pairwise.DILATION, "warmup_iters": pairwise.WARMUP_ITERS,
                        "color_thresh": pairwise.COLOR_THRESH}

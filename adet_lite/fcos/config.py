@@ -49,7 +49,8 @@ def check_fcos_proposal_generator(cfg, model_name):
                          f"{cfg.MODEL.PROPOSAL_GENERATOR.NAME!r}")
 
 
-# What each MODEL.FCOS value must be (the others are strings checked against their choices, or booleans).
+# What each MODEL.FCOS value must be (NORM: check_norm; TOP_LEVELS: the backbone; the other strings against
+# their choices in FCOS; booleans).
 FCOS_REQUIREMENTS = {
     "NUM_CLASSES": COUNT, "IN_FEATURES": NON_EMPTY, "FPN_STRIDES": COUNTS, "PRIOR_PROB": PRIOR,
     "INFERENCE_TH_TRAIN": FRACTION, "INFERENCE_TH_TEST": FRACTION, "NMS_TH": FRACTION,

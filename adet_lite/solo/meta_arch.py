@@ -9,7 +9,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Instances
 
-from d2ext.config_checks import check_in_features, check_norm, check_values
+from d2ext.config_checks import check_in_features, check_norm, check_values, one_of
 from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, mask_bounding_boxes, padded_bitmasks,
                           postprocess_full_image_masks, postprocess_per_image, register_empty_load_check,
                           rename_reference_keys)
@@ -20,7 +20,7 @@ from .checkpoint import reference_format, rename_reference_key
 from .config import GRID_HEAD_REQUIREMENTS, SOLOV2_REQUIREMENTS
 from .inference import NMS_TYPES, GridInferenceParams, select_instances
 from .losses import solo_category_loss, solo_mask_loss
-from .nms import point_nms
+from .nms import MATRIX_NMS_KERNELS, point_nms
 from .solo_mask_branch import DecoupledSOLOMaskBranch, SOLOMaskBranch
 from .solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
 from .targets import assign_grid_targets
@@ -33,7 +33,8 @@ _AREA_FILTER_MASK_STRIDE = 4
 def _grid_options(node, node_name, requirements):
     """Options common to MODEL.SOLO and MODEL.SOLOV2, validated (with ``requirements``, the node's
     ``*_REQUIREMENTS``) with errors that name the key."""
-    check_values(node, node_name, requirements)
+    check_values(node, node_name, {**requirements, "NMS_TYPE": one_of(*NMS_TYPES),
+                                   "NMS_KERNEL": one_of(*MATRIX_NMS_KERNELS)})
     check_norm(f"{node_name}.NORM", node.NORM, {f"{node_name}.INSTANCE_CHANNELS": node.INSTANCE_CHANNELS})
     num_levels = len(node.INSTANCE_IN_FEATURES)
     for key in ("FPN_INSTANCE_STRIDES", "FPN_SCALE_RANGES", "NUM_GRIDS"):
@@ -42,10 +43,6 @@ def _grid_options(node, node_name, requirements):
                              f"has {num_levels}: one per level is needed")
     if not node.LOSS.FOCAL_USE_SIGMOID:
         raise ValueError(f"{node_name}.LOSS.FOCAL_USE_SIGMOID=False (softmax focal loss) is not implemented")
-    if node.NMS_TYPE not in NMS_TYPES:
-        raise ValueError(f"{node_name}.NMS_TYPE must be one of {NMS_TYPES}, got {node.NMS_TYPE!r}")
-    if node.NMS_KERNEL not in ("gaussian", "linear"):
-        raise ValueError(f"{node_name}.NMS_KERNEL must be 'gaussian' or 'linear', got {node.NMS_KERNEL!r}")
     return {
         "instance_in_features": list(node.INSTANCE_IN_FEATURES),
         "instance_strides": list(node.FPN_INSTANCE_STRIDES),

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from d2ext.layers import stable_argsort
 
-_MATRIX_NMS_KERNELS = ("gaussian", "linear")
+MATRIX_NMS_KERNELS = ("gaussian", "linear")
 
 
 def point_nms(category_scores):
@@ -46,8 +46,8 @@ def matrix_nms(masks, labels, scores, kernel="gaussian", sigma=2.0):
     Returns:
         (N,) decayed scores, in the input order.
     """
-    if kernel not in _MATRIX_NMS_KERNELS:
-        raise ValueError(f"matrix_nms: kernel must be one of {_MATRIX_NMS_KERNELS}, got {kernel!r}")
+    if kernel not in MATRIX_NMS_KERNELS:
+        raise ValueError(f"matrix_nms: kernel must be one of {MATRIX_NMS_KERNELS}, got {kernel!r}")
     if not (masks.shape[0] == labels.shape[0] == scores.shape[0]):
         raise ValueError(f"matrix_nms: {masks.shape[0]} masks, {labels.shape[0]} labels, "
                          f"{scores.shape[0]} scores")

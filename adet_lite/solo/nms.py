@@ -23,12 +23,37 @@ def point_nms(category_scores):
 
 
 def mask_iou_matrix(masks):
-    """IoU of every pair of binary masks: (N, H, W) -> (N, N). Empty pairs have IoU 0."""
+    """IoU of every pair of binary masks: (N, H, W) or (N, H * W) -> (N, N). Empty pairs have IoU 0."""
     flat = masks.flatten(1).float()
     intersection = flat @ flat.T
     areas = flat.sum(dim=1)
     union = areas[:, None] + areas[None, :] - intersection
     return intersection / union.clamp(min=1.0)
+
+
+def same_label_mask_iou(masks, labels):
+    """IoU of every pair of binary masks with the same label, 0 for pairs with different labels.
+
+    Both NMS forms below read only the same-label pairs. On a CPU, where the matrix product is most of
+    their time, only those blocks are computed: over L labels of similar counts about 1 / L of the whole
+    matrix's arithmetic. Elsewhere the whole matrix is one product (1.1 ms for 500 masks on an H100) where
+    the blocks would cost a product, an indexing and a host read per label; and a trace gets it too, as the
+    blocks' sizes depend on the labels, which a trace would freeze.
+
+    Args:
+        masks: (N, H, W) binary masks; labels: (N,) class indices.
+    Returns:
+        (N, N) IoUs, in the input order.
+    """
+    if torch.jit.is_tracing() or masks.device.type != "cpu":
+        return mask_iou_matrix(masks) * (labels[:, None] == labels[None, :])
+    flat = masks.flatten(1)
+    by_label = stable_argsort(labels)
+    counts = torch.unique_consecutive(labels[by_label], return_counts=True)[1]
+    iou = torch.zeros(len(labels), len(labels), device=masks.device)
+    for members in by_label.split(counts.tolist()):
+        iou[members[:, None], members[None, :]] = mask_iou_matrix(flat[members])
+    return iou
 
 
 def matrix_nms(masks, labels, scores, kernel="gaussian", sigma=2.0):
@@ -52,9 +77,7 @@ def matrix_nms(masks, labels, scores, kernel="gaussian", sigma=2.0):
         raise ValueError(f"matrix_nms: {masks.shape[0]} masks, {labels.shape[0]} labels, "
                          f"{scores.shape[0]} scores")
     order = stable_argsort(scores, descending=True)
-    sorted_labels = labels[order]
-    same_label = sorted_labels[:, None] == sorted_labels[None, :]
-    iou = (mask_iou_matrix(masks[order]) * same_label).triu(diagonal=1)
+    iou = same_label_mask_iou(masks, labels)[order][:, order].triu(diagonal=1)
     # The reductions over dim 0 get one extra row that changes nothing (IoUs are >= 0; the first row of
     # ``ratio`` is <= 1): with N = 0 they are then defined, with no branch on N (so that it traces).
     compensation = F.pad(iou, (0, 0, 0, 1)).max(dim=0).values[:, None]  # (N, 1): row i holds compensation_i
@@ -78,9 +101,7 @@ def mask_nms(masks, labels, scores, iou_threshold=0.5):
         (K,) indices (into the inputs) of the kept masks, by decreasing score.
     """
     order = stable_argsort(scores, descending=True)
-    sorted_labels = labels[order]
-    same_label = sorted_labels[:, None] == sorted_labels[None, :]
-    suppresses = ((mask_iou_matrix(masks[order]) > iou_threshold) & same_label).triu(diagonal=1)
+    suppresses = (same_label_mask_iou(masks, labels)[order][:, order] > iou_threshold).triu(diagonal=1)
     # Sequential by definition: whether i suppresses others depends on whether i itself survived. The
     # loop runs on the host: on a GPU, reading ``suppressed[i]`` there would synchronise once per mask.
     suppresses = suppresses.cpu()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from adet_lite.solo import mask_nms, matrix_nms, point_nms
+from adet_lite.solo.nms import same_label_mask_iou
 from adet_lite.solo.inference import GridInferenceParams, select_instances
 from adet_lite.solo.losses import solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
@@ -57,6 +58,26 @@ def test_matrix_nms_matches_pairwise_loop(kernel):
     # The top-scored mask is never decayed; the duplicate of a higher mask is decayed.
     assert decayed[order[0]] == scores[order[0]]
     assert decayed[5] < scores[5] or decayed[2] < scores[2]
+
+
+def test_same_label_mask_iou_matches_pairwise_loop():
+    masks = _random_masks(15, seed=6)
+    masks[9] = masks[4]  # an exact duplicate, same label
+    masks[11] = False  # an empty mask
+    labels = torch.tensor([3, 0, 3, 7, 0, 3, 3, 7, 1, 0, 3, 0, 7, 3, 3])  # label 1 alone
+    iou = same_label_mask_iou(masks, labels)
+    for a in range(15):
+        for b in range(15):
+            expected = _iou(masks[a], masks[b]) if labels[a] == labels[b] else 0.0
+            assert iou[a, b].item() == pytest.approx(expected, abs=1e-6), (a, b)
+    assert same_label_mask_iou(masks[:0], labels[:0]).shape == (0, 0)
+
+
+def test_same_label_mask_iou_traces_for_other_label_counts():
+    # The per-label blocks have data-dependent sizes: a trace must not freeze those of the tracing input.
+    traced = torch.jit.trace(same_label_mask_iou, (_random_masks(6), torch.tensor([0, 0, 1, 1, 2, 2])))
+    masks, labels = _random_masks(9, seed=2), torch.tensor([1, 1, 1, 1, 0, 2, 1, 0, 1])
+    assert torch.equal(traced(masks, labels), same_label_mask_iou(masks, labels))
 
 
 def test_matrix_nms_empty_and_bad_kernel():

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from d2ext.config_checks import check_norm
+from d2ext.layers import conv3x3_at_cells
 
 
 def _tower(in_channels, num_convs, norm):
@@ -23,9 +24,19 @@ def _tower(in_channels, num_convs, norm):
     return nn.Sequential(*layers)
 
 
+def level_anchor_positions(level_inds, width, num_anchors):
+    """Indices into one level's anchors (row, column, anchor order; ``width`` columns) -> their (row,
+    column) cells (n, 2) and indices among their cell's anchors (n,)."""
+    cells = torch.div(level_inds, num_anchors, rounding_mode="floor")
+    return torch.stack([torch.div(cells, width, rounding_mode="floor"), cells % width], dim=1), level_inds % num_anchors
+
+
 class RDSNetHead(nn.Module):
-    """Per level: class logits (N, A*K, H, W), box deltas (N, A*4, H, W) and object representations
-    (N, A*2*d, H, W) whose channel a*2d + s*d + k holds slot s (0 = background, 1 = foreground)."""
+    """Per level: class logits (N, A*K, H, W), box deltas (N, A*4, H, W) and the representation tower's
+    features (N, C, H, W). The object representations, ``rep_pred`` on those features ((N, A*2*d, H, W),
+    channel a*2d + s*d + k holding anchor a's slot s: 0 = background, 1 = foreground), are read at a few
+    anchors only (the positives in training, the detections at inference), so :meth:`object_representations`
+    computes them there instead of on every location (A*2*d = 576 channels for the R-50 models)."""
 
     @configurable
     def __init__(self, *, in_channels, num_anchors, num_classes, rep_dim, num_convs=4, norm="GN",
@@ -34,6 +45,7 @@ class RDSNetHead(nn.Module):
         if rep_dim <= 0:
             raise ValueError(f"MODEL.RDSNET.REP_DIM must be positive, got {rep_dim}")
         self.num_classes = num_classes
+        self.num_anchors = num_anchors
         self.rep_dim = rep_dim
         self.cls_tower = _tower(in_channels, num_convs, norm)
         self.bbox_tower = _tower(in_channels, num_convs, norm)
@@ -69,10 +81,39 @@ class RDSNetHead(nn.Module):
         }
 
     def forward(self, features: List[torch.Tensor]):
-        """features: per level (N, C, Hi, Wi). Returns three lists (logits, deltas, representations)."""
-        logits, deltas, reps = [], [], []
+        """features: per level (N, C, Hi, Wi). Returns three lists (logits, deltas, representation-tower
+        features)."""
+        logits, deltas, rep_features = [], [], []
         for feature in features:
             logits.append(self.cls_score(self.cls_tower(feature)))
             deltas.append(self.bbox_pred(self.bbox_tower(feature)))
-            reps.append(self.rep_pred(self.rep_tower(feature)))
-        return logits, deltas, reps
+            rep_features.append(self.rep_tower(feature))
+        return logits, deltas, rep_features
+
+    def anchor_positions(self, rep_features: List[torch.Tensor], anchor_inds):
+        """Indices into the anchors of all levels, in RetinaNet's order (level, row, column, anchor) -> each
+        anchor's level (n,), (row, column) cell (n, 2) and index among its cell's anchors (n,)."""
+        device = anchor_inds.device
+        sizes = torch.stack([torch.as_tensor(f.shape[-2] * f.shape[-1] * self.num_anchors) for f in rep_features])
+        widths = torch.stack([torch.as_tensor(f.shape[-1]) for f in rep_features])
+        sizes, widths = sizes.to(device), widths.to(device)
+        ends = sizes.cumsum(0)
+        levels = (anchor_inds[:, None] >= ends).sum(dim=1)
+        cells, anchors = level_anchor_positions(anchor_inds - (ends - sizes)[levels], widths[levels], self.num_anchors)
+        return levels, cells, anchors
+
+    def object_representations(self, rep_features: List[torch.Tensor], image_inds, levels, cells, anchors):
+        """``rep_pred`` at a few anchors, equal to the dense map's entries (up to float summation order).
+
+        Args:
+            rep_features: per level (N, C, Hi, Wi), :meth:`forward`'s third output.
+            image_inds, levels: (n,) each anchor's image and level.
+            cells: (n, 2) each anchor's (row, column) on its level.
+            anchors: (n,) each anchor's index among its cell's A anchors.
+        Returns:
+            (n, 2, d): slot 0 the background kernel, slot 1 the foreground one.
+        """
+        reps = conv3x3_at_cells(self.rep_pred, rep_features, image_inds, levels, *cells.unbind(dim=1))
+        per_anchor = reps.view(reps.shape[0], self.num_anchors, 2 * self.rep_dim)
+        chosen = per_anchor.gather(1, anchors[:, None, None].expand(-1, 1, per_anchor.shape[2]))
+        return chosen.view(-1, 2, self.rep_dim)

@@ -12,7 +12,7 @@ from d2ext.layers import capped_count, check_input_images, register_empty_load_c
 
 from .checkpoint import rename_official_rdsnet_keys
 from .masks import RDSNetMasks
-from .object_stream import RDSNetHead
+from .object_stream import RDSNetHead, level_anchor_positions
 
 
 @META_ARCH_REGISTRY.register()
@@ -70,15 +70,15 @@ class RDSNet(RDSNetMasks, RetinaNet):
         images = self.preprocess_image(batched_inputs)
         all_features = self.backbone(images.tensor)
         features = [all_features[f] for f in self.head_in_features]
-        predictions = self._transpose_dense_predictions(
-            self.head(features), [self.num_classes, 4, 2 * self.rep_dim])
-        return images, features, predictions, self.pixel_stream(all_features)
+        logits, deltas, rep_features = self.head(features)
+        pred_logits, pred_deltas = self._transpose_dense_predictions([logits, deltas], [self.num_classes, 4])
+        return images, features, (pred_logits, pred_deltas, rep_features), self.pixel_stream(all_features)
 
     # ------------------------------------------------------------------ training
     def training_losses(self, batched_inputs, gt_instances):
         """RetinaNet's losses and ``loss_mask`` on the foreground anchors."""
         images, features, predictions, pixel_reps = self._run_streams(batched_inputs)
-        pred_logits, pred_deltas, pred_reps = predictions
+        pred_logits, pred_deltas, rep_features = predictions
         anchors = self.anchor_generator(features)
         gt_labels, gt_boxes, matched_idxs = self.match_anchors(anchors, gt_instances)
         losses = self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
@@ -86,7 +86,8 @@ class RDSNet(RDSNetMasks, RetinaNet):
         labels = torch.stack(gt_labels)
         positive_images, positive_anchors = torch.nonzero((labels >= 0) & (labels != self.num_classes), as_tuple=True)
         positive_gt = torch.stack(matched_idxs)[positive_images, positive_anchors]
-        positive_reps = cat(pred_reps, dim=1)[positive_images, positive_anchors]  # (K, 2d)
+        positive_reps = self.head.object_representations(
+            rep_features, positive_images, *self.head.anchor_positions(rep_features, positive_anchors)).flatten(1)
         losses["loss_mask"] = self.mask_loss(images.tensor.shape[-2:], pixel_reps, positive_images, positive_gt,
                                              positive_reps, gt_instances)
         return losses
@@ -126,12 +127,12 @@ class RDSNet(RDSNetMasks, RetinaNet):
     def detect(self, images, features, predictions):
         """Per image: ``Instances`` at the input size with pred_boxes, scores, pred_classes and
         ``object_reps`` (N, 2, d) of the anchor each detection comes from."""
-        pred_logits, pred_deltas, pred_reps = predictions
+        pred_logits, pred_deltas, rep_features = predictions
         anchors = self.anchor_generator(features)
         results = []
         for i, image_size in enumerate(images.image_sizes):
-            boxes, scores, classes, reps = [], [], [], []
-            for level_anchors, logits, deltas, level_reps in zip(anchors, pred_logits, pred_deltas, pred_reps):
+            boxes, scores, classes, levels, cells, cell_anchors = [], [], [], [], [], []
+            for level, (level_anchors, logits, deltas) in enumerate(zip(anchors, pred_logits, pred_deltas)):
                 level_scores = logits[i].sigmoid().flatten()
                 candidates = torch.nonzero(level_scores > self.test_score_thresh).squeeze(1)
                 top = level_scores[candidates].topk(capped_count(candidates.shape[0], self.test_topk_candidates))
@@ -141,13 +142,22 @@ class RDSNet(RDSNetMasks, RetinaNet):
                                                                  level_anchors.tensor[anchor_idx]))
                 scores.append(top.values)
                 classes.append(candidates % self.num_classes)
-                reps.append(level_reps[i][anchor_idx])
+                levels.append(torch.full_like(anchor_idx, level))
+                level_cells, level_cell_anchors = level_anchor_positions(
+                    anchor_idx, rep_features[level].shape[-1], self.head.num_anchors)
+                cells.append(level_cells)
+                cell_anchors.append(level_cell_anchors)
             detections = Instances(image_size, pred_boxes=Boxes(cat(boxes)), scores=cat(scores),
-                                   pred_classes=cat(classes), object_reps=cat(reps).view(-1, 2, self.rep_dim))
+                                   pred_classes=cat(classes))
             detections.pred_boxes.clip(image_size)
             keep = batched_nms(detections.pred_boxes.tensor, detections.scores, detections.pred_classes,
-                               self.test_nms_thresh)
-            results.append(detections[keep[: self.max_detections_per_image]])
+                               self.test_nms_thresh)[: self.max_detections_per_image]
+            detections = detections[keep]
+            # Only the kept detections' representations: one image's features, as image 0 of a batch of one.
+            detections.object_reps = self.head.object_representations(
+                [f[i:i + 1] for f in rep_features], torch.zeros_like(keep), cat(levels)[keep], cat(cells)[keep],
+                cat(cell_anchors)[keep])
+            results.append(detections)
         return results
 
     # ------------------------------------------------------------------ checkpoints

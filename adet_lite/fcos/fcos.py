@@ -8,9 +8,10 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
 from d2ext.config_checks import check_in_features, check_norm, check_values
+from d2ext.layers import is_conv3x3
 
 from .config import FCOS_REQUIREMENTS
-from .head import FCOSHead, is_top_feats_conv, top_feats_at_locations
+from .head import FCOSHead, top_feats_at_locations
 from .inference import fcos_inference_single_image
 from .losses import BOX_QUALITIES, LOC_LOSS_TYPES, fcos_losses, sum_over_workers
 from .targets import compute_locations, fcos_targets_single_image, level_size_ranges
@@ -137,7 +138,7 @@ class FCOS(nn.Module):
         """
         level_features = [features[f] for f in self.in_features]
         logits, box_reg, quality, box_towers = self.fcos_head(level_features)
-        sparse_top = top_module is not None and is_top_feats_conv(top_module)
+        sparse_top = top_module is not None and is_conv3x3(top_module)
         locations, fpn_levels, location_strides = [], [], []
         for level, (feature, stride) in enumerate(zip(level_features, self.strides)):
             points = compute_locations(feature.shape[-2], feature.shape[-1], stride, feature.device)

@@ -8,7 +8,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
-from d2ext.layers import ReferenceCheckpointMixin
+from d2ext.layers import ReferenceCheckpointMixin, conv3x3_at_cells
 
 # AdelaiDet's names of the head's submodules -> ours (Detectron2's RetinaNet / FCOS names).
 _ADELAIDET_TOWERS = {"share_tower": "share_subnet", "cls_tower": "cls_subnet", "bbox_tower": "bbox_subnet"}
@@ -38,23 +38,13 @@ def top_feats_conv(backbone_shape: Dict[str, ShapeSpec], out_channels):
     return conv
 
 
-def is_top_feats_conv(module):
-    """Whether ``module`` is a 3x3, stride-1, zero-padded conv as :func:`top_feats_conv` builds (so that
-    :func:`top_feats_at_locations` can evaluate it at a few locations)."""
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (3, 3) and module.stride == (1, 1)
-            and module.padding == (1, 1) and module.dilation == (1, 1) and module.groups == 1
-            and module.padding_mode == "zeros")
-
-
 def top_feats_at_locations(conv, box_towers: List[torch.Tensor], image_inds, fpn_levels, locations,
                            strides: List[int]):
     """The output of a :func:`top_feats_conv` at a few FCOS locations, without the dense map: training needs
-    it at the positive locations only and inference at the detections' (BlendMask's top layer has 784
-    channels on every location). Equal to ``conv(box_towers[level])[image, :, row, col]`` at each location
-    (up to float summation order), gradients included.
+    it at the positive locations only and inference at the detections' (``d2ext.layers.conv3x3_at_cells``).
 
     Args:
-        conv: a conv for which :func:`is_top_feats_conv` holds.
+        conv: a conv for which ``d2ext.layers.is_conv3x3`` holds.
         box_towers: per level, (N, D, Hl, Wl) box-tower features of the batch.
         image_inds: (n,) each location's image in the batch.
         fpn_levels: (n,) each location's level.
@@ -63,19 +53,9 @@ def top_feats_at_locations(conv, box_towers: List[torch.Tensor], image_inds, fpn
     Returns:
         (n, K) features, K = ``conv.out_channels``.
     """
-    out = box_towers[0].new_zeros((fpn_levels.shape[0], conv.out_channels))
-    weight = conv.weight.flatten(1)  # (K, D * 9), ordered (channel, kernel row, kernel column)
-    window = torch.arange(3, device=fpn_levels.device)
-    for level, (tower, stride) in enumerate(zip(box_towers, strides)):
-        inds = torch.nonzero(fpn_levels == level).squeeze(1)
-        cols, rows = ((locations[inds] - stride // 2) / stride).round().long().unbind(dim=1)
-        # Padded by 1, the conv's 3x3 window at (row, col) covers padded rows row..row + 2, columns col..col + 2.
-        padded = F.pad(tower, (1, 1, 1, 1))
-        patches = padded[image_inds[inds, None, None], :, rows[:, None, None] + window[None, :, None],
-                         cols[:, None, None] + window[None, None, :]]  # (n_level, 3, 3, D)
-        # index_copy, not ``out[inds] = ...``: traced, the latter fixes the row count of the traced image.
-        out = out.index_copy(0, inds, patches.permute(0, 3, 1, 2).flatten(1) @ weight.T + conv.bias)
-    return out
+    stride = torch.as_tensor(strides, device=locations.device)[fpn_levels]
+    cols, rows = ((locations - (stride // 2)[:, None]) / stride[:, None]).round().long().unbind(dim=1)
+    return conv3x3_at_cells(conv, box_towers, image_inds, fpn_levels, rows, cols)
 
 
 class FCOSHead(ReferenceCheckpointMixin, nn.Module):

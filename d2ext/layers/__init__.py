@@ -1,5 +1,6 @@
 """Pieces shared by several methods (they exist once, here)."""
 from .conv import conv_norm_relu, conv_norm_relu_reference_key
+from .conv_at_cells import conv3x3_at_cells, is_conv3x3
 from .coords import coordinate_features
 from .fpn import LastLevelP6, fpn_top_block
 from .gt_masks import ensure_gt_masks, padded_bitmasks, semantic_targets
@@ -20,10 +21,12 @@ __all__ = [
     "check_input_images",
     "conv_norm_relu",
     "conv_norm_relu_reference_key",
+    "conv3x3_at_cells",
     "coordinate_features",
     "dice_loss",
     "ensure_gt_masks",
     "fpn_top_block",
+    "is_conv3x3",
     "mask_bounding_boxes",
     "mmdet_resnet_fpn_key",
     "padded_bitmasks",

@@ -106,3 +106,39 @@ def test_ohem_empty_and_bad_shapes():
     assert loss.item() == 0.0
     with pytest.raises(ValueError, match="ohem_mask_loss"):
         ohem_mask_loss(torch.zeros(2, 2, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
+
+
+def test_object_representations_at_anchors_equal_the_dense_map():
+    """The representations read at a few anchors (levels of different widths, two images, border cells)
+    equal the dense ``rep_pred`` map at those anchors, in RetinaNet's anchor order (level, row, column,
+    anchor), computed here with a loop over the anchors."""
+    from rdsnet_d2.object_stream import RDSNetHead
+
+    torch.manual_seed(0)
+    head = RDSNetHead(in_channels=6, num_anchors=3, num_classes=2, rep_dim=4, num_convs=1, norm="")
+    torch.nn.init.normal_(head.rep_pred.weight)
+    torch.nn.init.normal_(head.rep_pred.bias)
+    features = [torch.randn(2, 6, 5, 7), torch.randn(2, 6, 3, 4), torch.randn(2, 6, 1, 2)]
+    with torch.no_grad():
+        rep_features = head(features)[2]
+        dense = [head.rep_pred(f) for f in rep_features]
+    flat_index, expected_by_anchor = 0, {}
+    for level_map in dense:
+        _, _, height, width = level_map.shape
+        for row in range(height):
+            for col in range(width):
+                for anchor in range(3):
+                    for image in range(2):
+                        expected_by_anchor[(image, flat_index)] = level_map[image, anchor * 8:(anchor + 1) * 8, row, col]
+                    flat_index += 1
+    assert flat_index == 3 * (35 + 12 + 2)
+    picks = [(0, 0), (1, 104), (0, 104), (1, 40), (0, 105), (1, 140), (0, 146), (1, 146), (0, 34)]
+    images = torch.tensor([p[0] for p in picks])
+    anchors = torch.tensor([p[1] for p in picks])
+    with torch.no_grad():
+        got = head.object_representations(rep_features, images, *head.anchor_positions(rep_features, anchors))
+    assert got.shape == (len(picks), 2, 4)
+    for i, pick in enumerate(picks):
+        torch.testing.assert_close(got[i].flatten(), expected_by_anchor[pick], rtol=1e-5, atol=1e-5)
+    empty = head.object_representations(rep_features, images[:0], *head.anchor_positions(rep_features, anchors[:0]))
+    assert empty.shape == (0, 2, 4)

@@ -28,7 +28,8 @@ def level_anchor_positions(level_inds, width, num_anchors):
     """Indices into one level's anchors (row, column, anchor order; ``width`` columns) -> their (row,
     column) cells (n, 2) and indices among their cell's anchors (n,)."""
     cells = torch.div(level_inds, num_anchors, rounding_mode="floor")
-    return torch.stack([torch.div(cells, width, rounding_mode="floor"), cells % width], dim=1), level_inds % num_anchors
+    rows = torch.div(cells, width, rounding_mode="floor")
+    return torch.stack([rows, cells % width], dim=1), level_inds % num_anchors
 
 
 class RDSNetHead(nn.Module):
@@ -94,9 +95,8 @@ class RDSNetHead(nn.Module):
         """Indices into the anchors of all levels, in RetinaNet's order (level, row, column, anchor) -> each
         anchor's level (n,), (row, column) cell (n, 2) and index among its cell's anchors (n,)."""
         device = anchor_inds.device
-        sizes = torch.stack([torch.as_tensor(f.shape[-2] * f.shape[-1] * self.num_anchors) for f in rep_features])
-        widths = torch.stack([torch.as_tensor(f.shape[-1]) for f in rep_features])
-        sizes, widths = sizes.to(device), widths.to(device)
+        sizes = torch.tensor([f.shape[-2] * f.shape[-1] * self.num_anchors for f in rep_features], device=device)
+        widths = torch.tensor([f.shape[-1] for f in rep_features], device=device)
         ends = sizes.cumsum(0)
         levels = (anchor_inds[:, None] >= ends).sum(dim=1)
         cells, anchors = level_anchor_positions(anchor_inds - (ends - sizes)[levels], widths[levels], self.num_anchors)

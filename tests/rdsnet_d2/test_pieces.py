@@ -128,8 +128,9 @@ def test_object_representations_at_anchors_equal_the_dense_map():
         for row in range(height):
             for col in range(width):
                 for anchor in range(3):
+                    channels = slice(anchor * 8, (anchor + 1) * 8)  # the anchor's 2 x d channels
                     for image in range(2):
-                        expected_by_anchor[(image, flat_index)] = level_map[image, anchor * 8:(anchor + 1) * 8, row, col]
+                        expected_by_anchor[(image, flat_index)] = level_map[image, channels, row, col]
                     flat_index += 1
     assert flat_index == 3 * (35 + 12 + 2)
     picks = [(0, 0), (1, 104), (0, 104), (1, 40), (0, 105), (1, 140), (0, 146), (1, 146), (0, 34)]

@@ -143,3 +143,20 @@ def test_object_representations_at_anchors_equal_the_dense_map():
         torch.testing.assert_close(got[i].flatten(), expected_by_anchor[pick], rtol=1e-5, atol=1e-5)
     empty = head.object_representations(rep_features, images[:0], *head.anchor_positions(rep_features, anchors[:0]))
     assert empty.shape == (0, 2, 4)
+
+    # Training: the gradients reaching rep_pred and the tower's features equal the dense map's.
+    weights = torch.randn(len(picks), 8)
+    rep_features = [f.detach().requires_grad_() for f in rep_features]
+    sparse = head.object_representations(rep_features, images, *head.anchor_positions(rep_features, anchors))
+    sparse_grads = torch.autograd.grad((sparse.flatten(1) * weights).sum(), [head.rep_pred.weight, *rep_features])
+    dense = [head.rep_pred(f) for f in rep_features]
+    total = 0
+    for i, (image, flat) in enumerate(picks):
+        level = 0 if flat < 105 else 1 if flat < 141 else 2
+        local = flat - (0, 105, 141)[level]
+        cell, anchor = divmod(local, 3)
+        row, col = divmod(cell, dense[level].shape[-1])
+        total = total + (dense[level][image, anchor * 8:(anchor + 1) * 8, row, col] * weights[i]).sum()
+    dense_grads = torch.autograd.grad(total, [head.rep_pred.weight, *rep_features])
+    for a, b in zip(sparse_grads, dense_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -46,8 +46,8 @@ class RDSNet(RDSNetMasks, RetinaNet):
             check_in_features("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES,
                               build_backbone(cfg).output_shape())
             raise
+        # Past this point RetinaNet has read the shape of every IN_FEATURES level: all exist.
         backbone_shape = ret["backbone"].output_shape()
-        check_in_features("MODEL.RETINANET.IN_FEATURES", cfg.MODEL.RETINANET.IN_FEATURES, backbone_shape)
         check_every_feature_read(
             backbone_shape,
             {"MODEL.RETINANET.IN_FEATURES": cfg.MODEL.RETINANET.IN_FEATURES,

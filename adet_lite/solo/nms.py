@@ -2,6 +2,7 @@
 (SOLOv2) and greedy mask NMS."""
 import torch
 import torch.nn.functional as F
+from detectron2.utils.env import TORCH_VERSION
 
 from d2ext.layers import stable_argsort
 
@@ -22,11 +23,27 @@ def point_nms(category_scores):
     return category_scores * keep
 
 
+def pair_intersections(flat):
+    """Pixels shared by every pair of binary masks: (N, P) bool or 0/1 -> (N, N) float counts.
+
+    For bool masks on a CPU the product is taken in int8 with int32 sums (``torch._int_mm``, CPU kernel
+    since torch 2.3): exact like float32 (counts below 2**31; float32 is exact below 2**24) and faster on
+    x86 CPUs from AVX2 on: for 500 masks of 200 x 336 at one thread 18.6 ms against 265 ms with the float32
+    conversion (AMX; oneDNN limited to AVX2: 181 ms; docs/adet_lite_solo.md). Elsewhere, and under a trace
+    (whose graph may be replayed on a GPU, where ``_int_mm`` has shape constraints), float32.
+    """
+    if flat.dtype == torch.bool and flat.device.type == "cpu" and TORCH_VERSION >= (2, 3) \
+            and not torch.jit.is_tracing():
+        as_int8 = flat.view(torch.int8)  # the same bytes: 0 / 1
+        return torch._int_mm(as_int8, as_int8.T).float()
+    flat = flat.float()
+    return flat @ flat.T
+
+
 def mask_iou_matrix(masks):
     """IoU of every pair of binary masks: (N, H, W) or (N, H * W) -> (N, N). Empty pairs have IoU 0."""
-    flat = masks.flatten(1).float()
-    intersection = flat @ flat.T
-    areas = flat.sum(dim=1)
+    intersection = pair_intersections(masks.flatten(1))
+    areas = intersection.diagonal()  # a mask's overlap with itself; a sum over its pixels costs more
     union = areas[:, None] + areas[None, :] - intersection
     return intersection / union.clamp(min=1.0)
 

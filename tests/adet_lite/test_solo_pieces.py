@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from adet_lite.solo import mask_nms, matrix_nms, point_nms
-from adet_lite.solo.nms import same_label_mask_iou
+from adet_lite.solo.nms import pair_intersections, same_label_mask_iou
 from adet_lite.solo.inference import GridInferenceParams, select_instances
 from adet_lite.solo.losses import solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
@@ -58,6 +58,20 @@ def test_matrix_nms_matches_pairwise_loop(kernel):
     # The top-scored mask is never decayed; the duplicate of a higher mask is decayed.
     assert decayed[order[0]] == scores[order[0]]
     assert decayed[5] < scores[5] or decayed[2] < scores[2]
+
+
+def test_pair_intersections_count_shared_pixels():
+    # 13 x 13 = 169 pixels, not a multiple of 8; bool masks take the int8 product on a CPU, 0/1 floats the
+    # float32 one: both must give the loop's counts.
+    masks = _random_masks(11, size=13, seed=4).flatten(1)
+    masks[3] = False
+    for given in (masks, masks.float()):
+        counts = pair_intersections(given)
+        assert counts.dtype == torch.float32 and counts.shape == (11, 11)
+        for a in range(11):
+            for b in range(11):
+                assert counts[a, b].item() == sum(bool(x and y) for x, y in zip(masks[a], masks[b])), (a, b)
+    assert pair_intersections(masks[:0]).shape == (0, 0)
 
 
 def test_same_label_mask_iou_matches_pairwise_loop():

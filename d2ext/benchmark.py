@@ -169,6 +169,11 @@ def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
             "gflops": inference_gflops(step) if inference else None}
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs):
+    """``FlopCounterMode`` formula of ``torch._int_mm``: (M, K) @ (K, N), 2 per multiply-add, as for ``mm``."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def inference_gflops(fn):
     """GFLOPs of one call of ``fn``: its convolutions and matrix products as torch's ``FlopCounterMode`` counts
     them (2 per multiply-add). RoIAlign, interpolation, NMS and element-wise operations are not counted; they
@@ -176,7 +181,8 @@ def inference_gflops(fn):
     ratio of two models' counts is about the ratio their times can reach."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    # torch counts no int8 products; Matrix NMS takes its mask IoU product in int8 on a CPU.
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten._int_mm: _int_mm_flops})
     with counter:
         fn()
     return counter.get_total_flops() / 1e9

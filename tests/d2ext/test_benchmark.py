@@ -72,6 +72,17 @@ def test_inference_gflops_counts_convolutions_and_matrix_products_only():
     assert inference_gflops(forward) == pytest.approx(2 * (conv_macs + linear_macs) / 1e9)
 
 
+def test_inference_gflops_counts_int8_products_like_float_ones():
+    from d2ext.benchmark import inference_gflops
+
+    masks = torch.rand(7, 40) > 0.5  # Matrix NMS's IoU product, taken in int8 on a CPU
+    flops = inference_gflops(lambda: torch._int_mm(masks.view(torch.int8), masks.view(torch.int8).T)) * 1e9
+    multiply_adds = 0
+    for _ in range(7 * 7):  # every output entry
+        multiply_adds += 40
+    assert flops == pytest.approx(2 * multiply_adds)
+
+
 def test_format_table_shows_gflops_and_their_ratio_to_the_baseline_of_the_same_mode():
     from d2ext.benchmark import format_table
 

@@ -8,6 +8,8 @@ from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, CascadeROIHeads, S
 from detectron2.modeling.roi_heads.cascade_rcnn import _ScaleGradient
 from detectron2.structures import Boxes, Instances
 
+from d2ext.layers import check_image_sizes
+
 from .head_mixin import NLRoIHeadMixin
 from .inference import PostprocessSettings, SoftNMSFastRCNNOutputLayers, fast_rcnn_inference_soft, \
     soft_postprocess_available
@@ -20,8 +22,17 @@ def run_box_head(box_head, box_features: torch.Tensor, proposals: List[Instances
     return box_head(box_features)
 
 
+class RejectsEmptyImagesMixin:
+    """Put before a Detectron2 ``ROIHeads`` class: an image without pixels is an error naming the input.
+    Detectron2's ``GeneralizedRCNN`` passes it on to the heads, whose detections it then fails to rescale."""
+
+    def forward(self, images, features, proposals, targets=None):
+        check_image_sizes(images.image_sizes)
+        return super().forward(images, features, proposals, targets)
+
+
 @ROI_HEADS_REGISTRY.register()
-class NLRoIROIHeads(StandardROIHeads):
+class NLRoIROIHeads(RejectsEmptyImagesMixin, StandardROIHeads):
     """``StandardROIHeads`` for NL-RoI heads, with optional Soft-NMS and box voting.
 
     With stock heads and post-processing off it computes exactly what ``StandardROIHeads`` computes,
@@ -52,7 +63,7 @@ class NLRoIROIHeads(StandardROIHeads):
 
 
 @ROI_HEADS_REGISTRY.register()
-class NLRoICascadeROIHeads(CascadeROIHeads):
+class NLRoICascadeROIHeads(RejectsEmptyImagesMixin, CascadeROIHeads):
     """``CascadeROIHeads`` whose stage box heads may be NL-RoI heads, with optional Soft-NMS and box
     voting on the stage-averaged scores."""
 

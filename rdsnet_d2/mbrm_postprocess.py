@@ -17,7 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from d2ext.layers import postprocess_per_image, register_empty_load_check
+from d2ext.layers import check_input_images, postprocess_per_image, register_empty_load_check
 
 from .mbrm import MBRM, cat_profiles
 
@@ -212,6 +212,12 @@ class GeneralizedRCNNWithMBRM(GeneralizedRCNN):
         ret = super().from_config(cfg)
         ret.update(mbrm=mbrm, mask_chunk_size=cfg.MODEL.MBRM.MASK_CHUNK_SIZE)
         return ret
+
+    def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """GeneralizedRCNN's, after checking that every image has channels and pixels (GeneralizedRCNN
+        would pass an empty image on and fail rescaling its detections)."""
+        check_input_images(batched_inputs)
+        return super().preprocess_image(batched_inputs)
 
     def inference(self, batched_inputs: List[Dict[str, torch.Tensor]],
                   detected_instances: Optional[List[Instances]] = None, do_postprocess: bool = True):

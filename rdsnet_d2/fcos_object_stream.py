@@ -8,6 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, bu
 
 from d2ext.layers import PixelNormalizationMixin, register_empty_load_check
 
+from .config import object_rep_length
 from .masks import RDSNetMasks
 
 
@@ -29,7 +30,7 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
         """
         Args:
             proposal_generator: adet_lite's ``FCOS``.
-            rep_conv: the 3x3 conv from FCOS's box tower to 2 x d channels.
+            rep_conv: the 3x3 conv from FCOS's box tower to 2 x L channels (L = ``object_rep_length``).
             mask_options: the mask side's arguments (:meth:`RDSNetMasks.init_masks`).
         """
         super().__init__()
@@ -52,7 +53,7 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
         return {
             "backbone": backbone,
             "proposal_generator": build_proposal_generator(cfg, backbone_shape),
-            "rep_conv": top_feats_conv(backbone_shape, 2 * cfg.MODEL.RDSNET.REP_DIM),
+            "rep_conv": top_feats_conv(backbone_shape, 2 * object_rep_length(cfg)),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "mask_options": cls.mask_options(cfg, backbone_shape),
@@ -73,12 +74,12 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
 
     def run_detection(self, batched_inputs):
         """The mask side's input: the padded images, per image FCOS's detections at the input size with
-        their locations' ``object_reps`` (N, 2, d), and the pixel representations."""
+        their locations' ``object_reps`` (N, 2, L), and the pixel representations."""
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         predictions = self.proposal_generator.predict(features, self.rep_conv)
         detections = self.proposal_generator.inference(predictions, images.image_sizes)
         for image_detections in detections:
-            image_detections.object_reps = image_detections.top_feat.view(-1, 2, self.rep_dim)
+            image_detections.object_reps = image_detections.top_feat.view(-1, 2, self.object_rep_length)
             image_detections.remove("top_feat")
         return images, detections, self.pixel_stream(features)

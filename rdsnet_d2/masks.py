@@ -12,7 +12,7 @@ from d2ext.config_checks import check_norm, check_values
 from d2ext.layers import ensure_gt_masks, padded_bitmasks, postprocess_full_image_masks
 
 from .config import RDSNET_REQUIREMENTS
-from .correlation import correlate
+from .correlation import NUM_BOX_COORD_TERMS, box_coordinate_logits, correlate
 from .cropping import crop_masks, expanded_crop_boxes
 from .mask_loss import IGNORE, ohem_mask_loss
 from .mbrm import MBRM, cat_profiles
@@ -25,7 +25,7 @@ class RDSNetMasks:
     ``training_losses(batched_inputs, gt_instances) -> dict`` (its object stream's losses and
     :meth:`mask_loss`) and ``run_detection(batched_inputs) -> (images, detections, pixel_reps)``: per image
     ``Instances`` at the input size with ``pred_boxes``, ``scores``, ``pred_classes`` and ``object_reps``
-    (N, 2, d), and the batch's (B, d, H / mask_stride, W / mask_stride) pixel representations.
+    (N, 2, L: ``object_rep_length``), and the batch's (B, d, H / mask_stride, W / mask_stride) pixel representations.
 
     Call ``init_masks(**mask_options(cfg, backbone_shape))`` in ``__init__``.
     """
@@ -44,6 +44,7 @@ class RDSNetMasks:
             pixel_stream=PixelStream(cfg, backbone_shape),
             mask_stride=backbone_shape[cfg.MODEL.RDSNET.PIXEL_IN_FEATURES[0]].stride // 2,
             rep_dim=cfg.MODEL.RDSNET.REP_DIM,
+            box_coord_terms=cfg.MODEL.RDSNET.BOX_COORD_TERMS,
             mask_samples_per_image=cfg.MODEL.RDSNET.MASK_SAMPLES_PER_IMAGE,
             mask_min_area=cfg.MODEL.RDSNET.MASK_MIN_AREA,
             train_crop_expand=cfg.MODEL.RDSNET.TRAIN_CROP_EXPAND,
@@ -58,7 +59,8 @@ class RDSNetMasks:
             mbrm_train_iou=cfg.MODEL.MBRM.TRAIN_IOU,
         )
 
-    def init_masks(self, *, pixel_stream, mask_stride, rep_dim, mask_samples_per_image=100, mask_min_area=100,
+    def init_masks(self, *, pixel_stream, mask_stride, rep_dim, box_coord_terms=False, mask_samples_per_image=100,
+                   mask_min_area=100,
                    train_crop_expand=0.25, ohem_neg_pos_ratio=1.0, mask_loss_weight=1.0, test_crop_expand=0.1,
                    mask_threshold=0.4, mask_chunk_size=16, mbrm=None, mbrm_on=False, mbrm_train=False,
                    mbrm_train_iou=0.5):
@@ -66,6 +68,8 @@ class RDSNetMasks:
         Args:
             pixel_stream: a :class:`PixelStream`, producing (B, d, H / mask_stride, W / mask_stride).
             rep_dim: d.
+            box_coord_terms: object representations end with 4 more values per slot, the coefficients of
+                :func:`box_coordinate_logits` (``MODEL.RDSNET.BOX_COORD_TERMS``).
             mask_samples_per_image, mask_min_area: positives per image whose masks are trained, among
                 those whose GT mask has more than ``mask_min_area`` pixels.
             train_crop_expand, test_crop_expand: crop expansion p in training / at test.
@@ -83,6 +87,9 @@ class RDSNetMasks:
         self.pixel_stream = pixel_stream
         self.mask_stride = mask_stride
         self.rep_dim = rep_dim
+        self.box_coord_terms = box_coord_terms
+        # Values per slot of the object representations the object stream predicts.
+        self.object_rep_length = rep_dim + (NUM_BOX_COORD_TERMS if box_coord_terms else 0)
         self.mask_samples_per_image = mask_samples_per_image
         self.mask_min_area = mask_min_area
         self.train_crop_expand = train_crop_expand
@@ -127,16 +134,16 @@ class RDSNetMasks:
             padded_size: (H, W) of the padded input batch.
             pixel_reps: (B, d, H / mask_stride, W / mask_stride).
             positive_images, positive_gt: (K,) each positive's image and GT index in that image.
-            positive_reps: (K, 2d) each positive's object representation.
+            positive_reps: (K, 2L) each positive's object representation (L = ``object_rep_length``).
         Returns:
             the weighted loss (0 when no positive trains a mask, still connected to both streams).
         """
-        selected, targets = self.mask_targets(padded_size, pixel_reps.shape[-2:], positive_images, positive_gt,
-                                              gt_instances)
+        selected, targets, boxes = self.mask_targets(padded_size, pixel_reps.shape[-2:], positive_images,
+                                                     positive_gt, gt_instances)
         if targets.shape[0] == 0:
             return (pixel_reps.sum() + positive_reps.sum()) * 0.0
-        object_reps = positive_reps[selected].view(-1, 2, self.rep_dim)
-        logits = correlate(pixel_reps, object_reps, positive_images[selected])
+        object_reps = positive_reps[selected].view(-1, 2, self.object_rep_length)
+        logits = self.mask_logits(pixel_reps, object_reps, positive_images[selected], boxes)
         return self.mask_loss_weight * ohem_mask_loss(logits, targets, self.ohem_neg_pos_ratio)
 
     @torch.no_grad()
@@ -145,10 +152,11 @@ class RDSNetMasks:
         than ``mask_min_area``, at most ``mask_samples_per_image`` at random) and build their targets.
 
         Returns:
-            selected (M,) indices into the positives, and targets (M, h, w) long at the mask stride:
-            1 / 0 inside the crop of the expanded GT box, -1 (ignored) outside.
+            selected (M,) indices into the positives, targets (M, h, w) long at the mask stride (1 / 0
+            inside the crop of the expanded GT box, -1 (ignored) outside), and their GT boxes (M, 4) in
+            pixels of the mask stride.
         """
-        selected, targets = [], []
+        selected, targets, boxes = [], [], []
         for i, gt in enumerate(gt_instances):
             positives = torch.nonzero(positive_images == i).squeeze(1)
             if positives.numel() == 0:
@@ -158,17 +166,31 @@ class RDSNetMasks:
             positives = positives[torch.randperm(positives.numel(), device=positives.device)
                                   [: self.mask_samples_per_image]]
             gt_index = positive_gt[positives]
-            crops = expanded_crop_boxes(gt.gt_boxes.tensor[gt_index] / self.mask_stride,
-                                        self.train_crop_expand, mask_size[0], mask_size[1])
+            gt_boxes = gt.gt_boxes.tensor[gt_index] / self.mask_stride
+            crops = expanded_crop_boxes(gt_boxes, self.train_crop_expand, mask_size[0], mask_size[1])
             target = gt_small[gt_index].long()
             target[~crop_masks(crops, mask_size[0], mask_size[1])] = IGNORE
             targets.append(target)
             selected.append(positives)
+            boxes.append(gt_boxes)
         if not targets:
             device = positive_images.device
             return (torch.zeros(0, dtype=torch.long, device=device),
-                    torch.zeros((0, *mask_size), dtype=torch.long, device=device))
-        return cat(selected), cat(targets)
+                    torch.zeros((0, *mask_size), dtype=torch.long, device=device), torch.zeros(0, 4, device=device))
+        return cat(selected), cat(targets), cat(boxes)
+
+    def mask_logits(self, pixel_reps, object_reps, image_indices, boxes):
+        """(N, 2, h, w) mask logits at the mask stride: :func:`correlate` of the representations' first d
+        values per slot, plus :func:`box_coordinate_logits` of the rest when ``box_coord_terms``.
+
+        Args:
+            pixel_reps: (B, d, h, w); object_reps: (N, 2, L); image_indices: (N,);
+            boxes: (N, 4) each instance's box in pixels of the mask stride.
+        """
+        logits = correlate(pixel_reps, object_reps[..., : self.rep_dim], image_indices)
+        if self.box_coord_terms:
+            logits = logits + box_coordinate_logits(object_reps[..., self.rep_dim:], boxes, *logits.shape[-2:])
+        return logits
 
     def _gt_masks_at_mask_stride(self, gt, padded_size, mask_size):
         """(G, h, w) bool at the mask stride and the GT pixel areas (G,) at input resolution."""
@@ -218,6 +240,9 @@ class RDSNetMasks:
         detections = postprocess_full_image_masks(detections, out_h, out_w)
         boxes = detections.pred_boxes
         crops = expanded_crop_boxes(boxes.tensor, self.test_crop_expand, out_h, out_w)
+        # The boxes back at the input size, in pixels of the mask stride (box coordinate terms).
+        to_mask_stride = boxes.tensor.new_tensor([input_size[1] / out_w, input_size[0] / out_h] * 2) / self.mask_stride
+        mask_stride_boxes = boxes.tensor * to_mask_stride
         binary, profile_chunks = [], []
         if torch.jit.is_tracing():  # one chunk: a loop over the detections would unroll for the traced count
             chunks = [slice(None)]
@@ -226,7 +251,8 @@ class RDSNetMasks:
                       for start in range(0, len(detections), self.mask_chunk_size)]
         for chunk in chunks:
             reps = detections.object_reps[chunk]
-            logits = correlate(pixel_rep[None], reps, torch.zeros(len(reps), dtype=torch.long, device=reps.device))
+            logits = self.mask_logits(pixel_rep[None], reps, torch.zeros(len(reps), dtype=torch.long, device=reps.device),
+                                      mask_stride_boxes[chunk])
             fg_minus_bg = logits[:, 1:] - logits[:, :1]
             fg_minus_bg = F.interpolate(fg_minus_bg, size=tuple(padded_size), mode="bilinear", align_corners=False)
             fg_minus_bg = fg_minus_bg[:, :, : input_size[0], : input_size[1]]

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from d2ext.config_checks import check_norm
 from d2ext.layers import conv3x3_at_cells
 
+from .config import object_rep_length
+
 
 def _tower(in_channels, num_convs, norm):
     """``num_convs`` x (3x3 conv, norm, ReLU); biases only without norm."""
@@ -34,8 +36,9 @@ def level_anchor_positions(level_inds, width, num_anchors):
 
 class RDSNetHead(nn.Module):
     """Per level: class logits (N, A*K, H, W), box deltas (N, A*4, H, W) and the representation tower's
-    features (N, C, H, W). The object representations, ``rep_pred`` on those features ((N, A*2*d, H, W),
-    channel a*2d + s*d + k holding anchor a's slot s: 0 = background, 1 = foreground), are read at a few
+    features (N, C, H, W). The object representations, ``rep_pred`` on those features ((N, A*2*L, H, W),
+    channel a*2L + s*L + k holding anchor a's slot s: 0 = background, 1 = foreground; L = ``rep_dim``, which is
+    ``object_rep_length``: d, or d + 4 with the box coordinate terms), are read at a few
     anchors only (the positives in training, the detections at inference), so :meth:`object_representations`
     computes them there instead of on every location (A*2*d = 576 channels for the R-50 models)."""
 
@@ -75,7 +78,7 @@ class RDSNetHead(nn.Module):
             "in_channels": in_channels,
             "num_anchors": anchors_per_cell[0],
             "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
-            "rep_dim": cfg.MODEL.RDSNET.REP_DIM,
+            "rep_dim": object_rep_length(cfg),
             "num_convs": cfg.MODEL.RETINANET.NUM_CONVS,
             "norm": cfg.MODEL.RDSNET.HEAD_NORM,
             "prior_prob": cfg.MODEL.RETINANET.PRIOR_PROB,

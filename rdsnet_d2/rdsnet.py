@@ -126,7 +126,7 @@ class RDSNet(RDSNetMasks, RetinaNet):
 
     def detect(self, images, features, predictions):
         """Per image: ``Instances`` at the input size with pred_boxes, scores, pred_classes and
-        ``object_reps`` (N, 2, d) of the anchor each detection comes from."""
+        ``object_reps`` (N, 2, L) of the anchor each detection comes from."""
         pred_logits, pred_deltas, rep_features = predictions
         anchors = self.anchor_generator(features)
         results = []

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from rdsnet_d2 import correlate, crop_masks, expanded_crop_boxes, ohem_mask_loss
+from rdsnet_d2.correlation import box_coordinate_logits
 
 
 def test_correlation_batched_equals_per_instance():
@@ -21,6 +22,29 @@ def test_correlation_batched_equals_per_instance():
                     expected = sum(float(object_reps[n, s, k]) * float(pixel_reps[image_indices[n], k, y, x])
                                    for k in range(8))
                     assert float(logits[n, s, y, x]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_box_coordinate_logits_match_loop():
+    torch.manual_seed(0)
+    coefficients = torch.randn(3, 2, 4)
+    # a box 4 x 6 pixels, one thinner than a pixel (half-size clamped to 1), one off the map's origin
+    boxes = torch.tensor([[1.0, 2.0, 5.0, 8.0], [2.0, 3.0, 2.5, 6.0], [0.0, 0.0, 7.0, 1.0]])
+    logits = box_coordinate_logits(coefficients, boxes, 9, 7)
+    assert logits.shape == (3, 2, 9, 7)
+    for n in range(3):
+        x0, y0, x1, y1 = boxes[n].tolist()
+        half_w, half_h = max((x1 - x0) / 2, 1.0), max((y1 - y0) / 2, 1.0)
+        for s in range(2):
+            a, b, c, d = coefficients[n, s].tolist()
+            for y in range(9):
+                for x in range(7):
+                    u = (x + 0.5 - (x0 + x1) / 2) / half_w
+                    v = (y + 0.5 - (y0 + y1) / 2) / half_h
+                    expected = a * u + b * v + c * u * u + d * v * v
+                    assert float(logits[n, s, y, x]) == pytest.approx(expected, abs=1e-4)
+    assert box_coordinate_logits(coefficients[:0], boxes[:0], 9, 7).shape == (0, 2, 9, 7)
+    with pytest.raises(ValueError, match="coefficients"):
+        box_coordinate_logits(torch.randn(3, 2, 3), boxes, 9, 7)
 
 
 def test_correlation_gradients_and_empty():

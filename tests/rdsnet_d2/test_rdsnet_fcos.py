@@ -36,7 +36,7 @@ def test_mask_side_gets_each_positives_image_and_own_gt_index(monkeypatch):
 
     def recording_mask_targets(padded_size, mask_size, positive_images, positive_gt, gt_instances):
         seen["images"], seen["gt"], seen["gt_instances"] = positive_images, positive_gt, gt_instances
-        return torch.zeros(0, dtype=torch.long), torch.zeros((0, *mask_size), dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long), torch.zeros((0, *mask_size), dtype=torch.long), torch.zeros(0, 4)
 
     monkeypatch.setattr(model.proposal_generator, "losses", recording_losses)
     monkeypatch.setattr(model, "mask_targets", recording_mask_targets)
@@ -99,6 +99,21 @@ def test_bad_config_is_a_clear_error():
 
 def test_checkpoint_round_trip(tmp_path):
     assert_checkpoint_round_trip(_cfg(*ALL_DETECTIONS), str(tmp_path), fields=("scores", "pred_boxes", "pred_masks"))
+
+
+def test_box_coordinate_terms_train_predict_and_round_trip(tmp_path):
+    """MODEL.RDSNET.BOX_COORD_TERMS: 4 more values per slot, trained through loss_mask, used at test."""
+    cfg = _cfg("MODEL.RDSNET.BOX_COORD_TERMS", True)
+    model = build_tiny_model(cfg)
+    assert model.rep_conv.out_channels == 2 * (cfg.MODEL.RDSNET.REP_DIM + 4)
+    losses = train_step(model, dataset_batch(cfg))
+    assert losses["loss_mask"] > 0 and model.rep_conv.weight.grad.abs().sum() > 0
+    cfg = _cfg(*ALL_DETECTIONS, "MODEL.RDSNET.BOX_COORD_TERMS", True)
+    inputs, instances = predict(build_tiny_model(cfg), cfg, indices=(0, 1))
+    for inp, inst in zip(inputs, instances):
+        assert_prediction_fields(inst, inp["height"], inp["width"])
+        assert 0 < len(inst) <= 20
+    assert_checkpoint_round_trip(cfg, str(tmp_path), fields=("scores", "pred_boxes", "pred_masks"))
 
 
 def test_overfit_losses_fall():

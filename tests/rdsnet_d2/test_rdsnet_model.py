@@ -64,6 +64,20 @@ def test_train_step_and_inference_format(cfg):
         assert_masks_inside_expanded_boxes(inst, 0.1)  # the test crop (MODEL.RDSNET.TEST_CROP_EXPAND)
 
 
+def test_box_coordinate_terms_train_and_predict(cfg):
+    """MODEL.RDSNET.BOX_COORD_TERMS on the RetinaNet object stream: 4 more values per slot and anchor."""
+    opts = SMALL + ["MODEL.RDSNET.BOX_COORD_TERMS", "True"]
+    model = build_tiny_model(tiny_cfg(config_path(CONFIG), opts))
+    assert model.head.rep_pred.out_channels == model.head.num_anchors * 2 * (cfg.MODEL.RDSNET.REP_DIM + 4)
+    losses = train_step(model, dataset_batch(cfg))
+    assert losses["loss_mask"] > 0 and model.head.rep_pred.weight.grad.abs().sum() > 0
+    model = build_tiny_model(tiny_cfg(config_path(CONFIG), opts + ALL_DETECTIONS)).eval()
+    inputs = dataset_batch(cfg, indices=(0,), is_train=False)
+    with torch.no_grad():
+        inst = model(inputs)[0]["instances"]
+    assert 15 <= len(inst) <= 20 and inst.pred_masks.shape[1:] == (inputs[0]["height"], inputs[0]["width"])
+
+
 def test_chunked_masks_equal_one_chunk(cfg):
     opts = SMALL + ALL_DETECTIONS
     chunked = build_tiny_model(tiny_cfg(config_path(CONFIG), opts)).eval()

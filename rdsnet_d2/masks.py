@@ -25,7 +25,8 @@ class RDSNetMasks:
     ``training_losses(batched_inputs, gt_instances) -> dict`` (its object stream's losses and
     :meth:`mask_loss`) and ``run_detection(batched_inputs) -> (images, detections, pixel_reps)``: per image
     ``Instances`` at the input size with ``pred_boxes``, ``scores``, ``pred_classes`` and ``object_reps``
-    (N, 2, L: ``object_rep_length``), and the batch's (B, d, H / mask_stride, W / mask_stride) pixel representations.
+    (N, 2, L: ``object_rep_length``), and the batch's (B, d, H / mask_stride, W / mask_stride) pixel
+    representations.
 
     Call ``init_masks(**mask_options(cfg, backbone_shape))`` in ``__init__``.
     """
@@ -60,10 +61,9 @@ class RDSNetMasks:
         )
 
     def init_masks(self, *, pixel_stream, mask_stride, rep_dim, box_coord_terms=False, mask_samples_per_image=100,
-                   mask_min_area=100,
-                   train_crop_expand=0.25, ohem_neg_pos_ratio=1.0, mask_loss_weight=1.0, test_crop_expand=0.1,
-                   mask_threshold=0.4, mask_chunk_size=16, mbrm=None, mbrm_on=False, mbrm_train=False,
-                   mbrm_train_iou=0.5):
+                   mask_min_area=100, train_crop_expand=0.25, ohem_neg_pos_ratio=1.0, mask_loss_weight=1.0,
+                   test_crop_expand=0.1, mask_threshold=0.4, mask_chunk_size=16, mbrm=None, mbrm_on=False,
+                   mbrm_train=False, mbrm_train_iou=0.5):
         """
         Args:
             pixel_stream: a :class:`PixelStream`, producing (B, d, H / mask_stride, W / mask_stride).
@@ -251,8 +251,8 @@ class RDSNetMasks:
                       for start in range(0, len(detections), self.mask_chunk_size)]
         for chunk in chunks:
             reps = detections.object_reps[chunk]
-            logits = self.mask_logits(pixel_rep[None], reps, torch.zeros(len(reps), dtype=torch.long, device=reps.device),
-                                      mask_stride_boxes[chunk])
+            image_indices = torch.zeros(len(reps), dtype=torch.long, device=reps.device)
+            logits = self.mask_logits(pixel_rep[None], reps, image_indices, mask_stride_boxes[chunk])
             fg_minus_bg = logits[:, 1:] - logits[:, :1]
             fg_minus_bg = F.interpolate(fg_minus_bg, size=tuple(padded_size), mode="bilinear", align_corners=False)
             fg_minus_bg = fg_minus_bg[:, :, : input_size[0], : input_size[1]]

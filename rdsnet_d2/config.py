@@ -2,8 +2,6 @@ from detectron2.config import CfgNode as CN
 
 from d2ext.config_checks import COUNT, FRACTION, NON_EMPTY, NON_NEGATIVE, POSITIVE
 
-from .correlation import NUM_BOX_COORD_TERMS
-
 
 def add_rdsnet_config(cfg):
     """Add the config keys of rdsnet_d2 (``MODEL.RDSNET`` and ``MODEL.MBRM``) to ``cfg``.
@@ -63,8 +61,3 @@ RDSNET_REQUIREMENTS = {
     "MASK_LOSS_WEIGHT": NON_NEGATIVE, "TEST_CROP_EXPAND": NON_NEGATIVE,
 }
 MBRM_REQUIREMENTS = {"PRIOR_CUTOFF": FRACTION, "TRAIN_IOU": FRACTION, "MASK_CHUNK_SIZE": COUNT}
-
-
-def object_rep_length(cfg):
-    """Values per slot of an object representation: REP_DIM, plus the box coordinate terms' coefficients."""
-    return cfg.MODEL.RDSNET.REP_DIM + (NUM_BOX_COORD_TERMS if cfg.MODEL.RDSNET.BOX_COORD_TERMS else 0)

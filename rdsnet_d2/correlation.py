@@ -8,6 +8,12 @@ from d2ext.layers import stable_argsort
 NUM_BOX_COORD_TERMS = 4
 
 
+def object_rep_length(rep_dim, box_coord_terms):
+    """Values per slot of an object representation: d (``rep_dim``), plus the box coordinate terms'
+    coefficients when ``box_coord_terms``."""
+    return rep_dim + (NUM_BOX_COORD_TERMS if box_coord_terms else 0)
+
+
 def correlate(pixel_reps, object_reps, image_indices):
     """
     Args:

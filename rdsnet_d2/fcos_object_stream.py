@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, bu
 
 from d2ext.layers import PixelNormalizationMixin, register_empty_load_check
 
-from .config import object_rep_length
+from .correlation import object_rep_length
 from .masks import RDSNetMasks
 
 
@@ -50,10 +50,11 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
         check_fcos_proposal_generator(cfg, "RDSNetFCOS")
         backbone = build_backbone(cfg)
         backbone_shape = backbone.output_shape()
+        rep_length = object_rep_length(cfg.MODEL.RDSNET.REP_DIM, cfg.MODEL.RDSNET.BOX_COORD_TERMS)
         return {
             "backbone": backbone,
             "proposal_generator": build_proposal_generator(cfg, backbone_shape),
-            "rep_conv": top_feats_conv(backbone_shape, 2 * object_rep_length(cfg)),
+            "rep_conv": top_feats_conv(backbone_shape, 2 * rep_length),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "mask_options": cls.mask_options(cfg, backbone_shape),

@@ -12,7 +12,7 @@ from d2ext.config_checks import check_norm, check_values
 from d2ext.layers import ensure_gt_masks, padded_bitmasks, postprocess_full_image_masks
 
 from .config import RDSNET_REQUIREMENTS
-from .correlation import NUM_BOX_COORD_TERMS, box_coordinate_logits, correlate
+from .correlation import box_coordinate_logits, correlate, object_rep_length
 from .cropping import crop_masks, expanded_crop_boxes
 from .mask_loss import IGNORE, ohem_mask_loss
 from .mbrm import MBRM, cat_profiles
@@ -89,7 +89,7 @@ class RDSNetMasks:
         self.rep_dim = rep_dim
         self.box_coord_terms = box_coord_terms
         # Values per slot of the object representations the object stream predicts.
-        self.object_rep_length = rep_dim + (NUM_BOX_COORD_TERMS if box_coord_terms else 0)
+        self.object_rep_length = object_rep_length(rep_dim, box_coord_terms)
         self.mask_samples_per_image = mask_samples_per_image
         self.mask_min_area = mask_min_area
         self.train_crop_expand = train_crop_expand
@@ -185,7 +185,7 @@ class RDSNetMasks:
 
         Args:
             pixel_reps: (B, d, h, w); object_reps: (N, 2, L); image_indices: (N,);
-            boxes: (N, 4) each instance's box in pixels of the mask stride.
+            boxes: (N, 4) each instance's box in pixels of the mask stride (read only with the terms).
         """
         logits = correlate(pixel_reps, object_reps[..., : self.rep_dim], image_indices)
         if self.box_coord_terms:
@@ -240,9 +240,10 @@ class RDSNetMasks:
         detections = postprocess_full_image_masks(detections, out_h, out_w)
         boxes = detections.pred_boxes
         crops = expanded_crop_boxes(boxes.tensor, self.test_crop_expand, out_h, out_w)
-        # The boxes back at the input size, in pixels of the mask stride (box coordinate terms).
-        to_mask_stride = boxes.tensor.new_tensor([input_size[1] / out_w, input_size[0] / out_h] * 2) / self.mask_stride
-        mask_stride_boxes = boxes.tensor * to_mask_stride
+        mask_stride_boxes = None
+        if self.box_coord_terms:  # the boxes back at the input size, in pixels of the mask stride
+            to_input = boxes.tensor.new_tensor([input_size[1] / out_w, input_size[0] / out_h] * 2)
+            mask_stride_boxes = boxes.tensor * (to_input / self.mask_stride)
         binary, profile_chunks = [], []
         if torch.jit.is_tracing():  # one chunk: a loop over the detections would unroll for the traced count
             chunks = [slice(None)]
@@ -252,7 +253,8 @@ class RDSNetMasks:
         for chunk in chunks:
             reps = detections.object_reps[chunk]
             image_indices = torch.zeros(len(reps), dtype=torch.long, device=reps.device)
-            logits = self.mask_logits(pixel_rep[None], reps, image_indices, mask_stride_boxes[chunk])
+            chunk_boxes = None if mask_stride_boxes is None else mask_stride_boxes[chunk]
+            logits = self.mask_logits(pixel_rep[None], reps, image_indices, chunk_boxes)
             fg_minus_bg = logits[:, 1:] - logits[:, :1]
             fg_minus_bg = F.interpolate(fg_minus_bg, size=tuple(padded_size), mode="bilinear", align_corners=False)
             fg_minus_bg = fg_minus_bg[:, :, : input_size[0], : input_size[1]]

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from d2ext.config_checks import check_norm
 from d2ext.layers import conv3x3_at_cells
 
-from .config import object_rep_length
+from .correlation import object_rep_length
 
 
 def _tower(in_channels, num_convs, norm):
@@ -78,7 +78,7 @@ class RDSNetHead(nn.Module):
             "in_channels": in_channels,
             "num_anchors": anchors_per_cell[0],
             "num_classes": cfg.MODEL.RETINANET.NUM_CLASSES,
-            "rep_dim": object_rep_length(cfg),
+            "rep_dim": object_rep_length(cfg.MODEL.RDSNET.REP_DIM, cfg.MODEL.RDSNET.BOX_COORD_TERMS),
             "num_convs": cfg.MODEL.RETINANET.NUM_CONVS,
             "norm": cfg.MODEL.RDSNET.HEAD_NORM,
             "prior_prob": cfg.MODEL.RETINANET.PRIOR_PROB,

@@ -9,6 +9,8 @@ ignoring scores and classes first:
   one has the instance's class (what class-wise AP needs); over the instances that have such a detection;
 - ``outside`` / ``missed``: for the instances whose best IoU is >= 0.5, the best detection's pixels
   outside the instance, and the instance's pixels it misses, each as a fraction of the instance's area;
+  ``on others``: the part of ``outside`` that lies on other instances of the image (an occluder's or a
+  touching neighbour's pixels: the mask did not stop at the instance's visible boundary), whatever their class;
 - detections per image, and all of it per class and for the instances whose box overlaps the box of
   another instance of their class (crowded ones, where a box crop holds a neighbour of the same class)
   vs the others.
@@ -62,11 +64,13 @@ def has_same_class_neighbour(boxes, classes):
     return (overlap & (classes[:, None] == classes[None])).any(dim=1).numpy()
 
 
-def area_errors(pred_mask, gt_mask):
-    """(H, W) bool masks -> (pixels of ``pred_mask`` outside ``gt_mask``, pixels of ``gt_mask`` it misses),
-    each as a fraction of ``gt_mask``'s area."""
+def area_errors(pred_mask, gt_mask, other_instances):
+    """(H, W) bool masks; ``other_instances``: the union of the image's other instances' masks ->
+    (pixels of ``pred_mask`` outside ``gt_mask``, those of them on ``other_instances``, pixels of ``gt_mask``
+    it misses), each as a fraction of ``gt_mask``'s area."""
     area = gt_mask.sum()
-    return (pred_mask & ~gt_mask).sum() / area, (gt_mask & ~pred_mask).sum() / area
+    outside = pred_mask & ~gt_mask
+    return outside.sum() / area, (outside & other_instances).sum() / area, (gt_mask & ~pred_mask).sum() / area
 
 
 def main():
@@ -89,7 +93,7 @@ def main():
     for d in detections:
         by_image[d["image_id"]].append(d)
 
-    best, right, classes, crowded, outside, missed = [], [], [], [], [], []
+    best, right, classes, crowded, outside, on_others, missed = [], [], [], [], [], [], []
     for image_id in coco.getImgIds():
         annotations = coco.loadAnns(coco.getAnnIds(imgIds=image_id, iscrowd=False))
         if not annotations:
@@ -104,21 +108,25 @@ def main():
         right.extend(image_right)
         classes.extend(gt_classes)
         crowded.extend(has_same_class_neighbour([a["bbox"] for a in annotations], gt_classes))
-        for gt_rle, best_iou, best_det in zip(gt_rles, image_best, image_best_det):
-            errors = (np.nan, np.nan)
+        gt_masks = mask_util.decode(gt_rles).astype(bool).transpose(2, 0, 1)  # (G, H, W)
+        for g, (best_iou, best_det) in enumerate(zip(image_best, image_best_det)):
+            errors = (np.nan, np.nan, np.nan)
             if best_iou >= 0.5:
-                errors = area_errors(mask_util.decode(dets[best_det]["segmentation"]).astype(bool),
-                                     mask_util.decode(gt_rle).astype(bool))
+                errors = area_errors(mask_util.decode(dets[best_det]["segmentation"]).astype(bool), gt_masks[g],
+                                     np.delete(gt_masks, g, axis=0).any(axis=0))
             outside.append(errors[0])
-            missed.append(errors[1])
-    best, classes, outside, missed = np.array(best), np.array(classes), np.array(outside), np.array(missed)
+            on_others.append(errors[1])
+            missed.append(errors[2])
+    best, classes, missed = np.array(best), np.array(classes), np.array(missed)
+    outside, on_others = np.array(outside), np.array(on_others)
     crowded = np.array(crowded, dtype=bool)
     judged = [r for r in right if r is not None]
     print(f"{args.results}\n{len(best)} instances in {len(coco.getImgIds())} images, "
           f"{len(detections) / max(len(coco.getImgIds()), 1):.1f} detections per image")
     print(f"best IoU {best.mean():.3f}  recall@0.5 {(best >= 0.5).mean():.3f}  recall@0.75 {(best >= 0.75).mean():.3f}"
           f"  class right {np.mean(judged) if judged else float('nan'):.2f} (of {len(judged)})"
-          f"  outside {np.nanmean(outside):.3f}  missed {np.nanmean(missed):.3f}")
+          f"  outside {np.nanmean(outside):.3f} (on others {np.nanmean(on_others):.3f})"
+          f"  missed {np.nanmean(missed):.3f}")
     categories = coco.loadCats(sorted(set(classes.tolist())))
     groups = [(category["name"], classes == category["id"]) for category in categories]
     groups += [("crowded", crowded), ("not crowded", ~crowded)]
@@ -127,7 +135,7 @@ def main():
             continue
         print(f"  {name:11s} {selected.sum():4d} instances  best IoU {best[selected].mean():.3f}  recall@0.75 "
               f"{(best[selected] >= 0.75).mean():.3f}  outside {np.nanmean(outside[selected]):.3f}"
-              f"  missed {np.nanmean(missed[selected]):.3f}")
+              f" (on others {np.nanmean(on_others[selected]):.3f})  missed {np.nanmean(missed[selected]):.3f}")
 
 
 if __name__ == "__main__":

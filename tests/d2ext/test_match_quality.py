@@ -53,8 +53,10 @@ def test_area_errors_of_a_shifted_square():
     pred = np.zeros((10, 10), bool)
     pred[3:7, 2:6] = True  # one row down: 4 px outside, 4 px of gt missed
     pred[0, 0] = True  # and one stray pixel
-    outside, missed = match_quality.area_errors(pred, gt)
-    assert (outside, missed) == (5 / 16, 4 / 16)
+    others = np.zeros((10, 10), bool)
+    others[6:9, 4:9] = True  # a neighbour below: 2 of the 4 px outside lie on it
+    outside, on_others, missed = match_quality.area_errors(pred, gt, others)
+    assert (outside, on_others, missed) == (5 / 16, 2 / 16, 4 / 16)
 
 
 def test_same_class_neighbour_needs_overlapping_boxes_of_the_same_class():

@@ -1,5 +1,6 @@
 """NL-RoI keypoint head: the NL-RoI block, then Detectron2's conv + deconv keypoint head."""
 from detectron2.config import configurable
+from detectron2.layers import interpolate
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
 
 from .head_mixin import NLRoIPerInstanceHeadMixin
@@ -23,3 +24,9 @@ class NLRoIKRCNNConvDeconvUpsampleHead(NLRoIPerInstanceHeadMixin, KRCNNConvDecon
         super().__init__(input_shape, conv_dims=conv_dims, **kwargs)
         self._add_nl_roi_block(input_shape, embed_channels=nl_embed_channels, g_channels=nl_g_channels,
                                scale_affinity=nl_scale_affinity)
+
+    def layers(self, features_and_counts):
+        # The stock ``layers`` ends with this upsampling (heatmaps at twice the deconv's size); the
+        # mixin's ``layers`` replaces it whole, so it is repeated here.
+        x = super().layers(features_and_counts)
+        return interpolate(x, scale_factor=self.up_scale, mode="bilinear", align_corners=False)

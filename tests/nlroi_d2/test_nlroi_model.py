@@ -7,10 +7,12 @@ import os
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import KRCNNConvDeconvUpsampleHead
 from detectron2.structures import Keypoints
 from torchvision.ops import box_iou
 
-import nlroi_d2  # noqa: F401  (registers the heads)
+from nlroi_d2 import NLRoIKRCNNConvDeconvUpsampleHead
 from d2ext.testing import (build_tiny_model, checkpoint_round_trip, config_path, dataset_batch, tiny_cfg, train_step)
 
 NLROI = config_path("quickstart/nlroi_mask_rcnn_R18_FPN_synthetic.yaml")
@@ -84,6 +86,23 @@ def test_keypoint_model():
     _, losses, outputs = check_train_and_inference(cfg, with_empty_image(batch),
                                                    dataset_batch(data_cfg, is_train=False))
     assert "loss_keypoint" in losses and outputs[0]["instances"].has("pred_keypoints")
+
+
+def test_keypoint_head_with_plain_weights_is_the_stock_head():
+    """Heatmaps of the stock head's size and values: the NL-RoI head with the stock head's weights (its new
+    parameters zero-initialised) is the stock head, including the final 2x upsampling."""
+    shape = ShapeSpec(channels=16, height=14, width=14)
+    head_args = dict(num_keypoints=3, conv_dims=[32, 32], loss_weight=1.0, loss_normalizer=1.0)
+    torch.manual_seed(0)
+    stock = KRCNNConvDeconvUpsampleHead(shape, **head_args).eval()
+    nl_head = NLRoIKRCNNConvDeconvUpsampleHead(shape, nl_embed_channels=8, nl_g_channels=4, **head_args).eval()
+    missing = nl_head.load_state_dict(stock.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("nl_roi.") or k.endswith("nonlocal_weight") for k in missing)
+    x = torch.randn(5, 16, 14, 14)
+    with torch.no_grad():
+        expected = stock.layers(x)
+        assert expected.shape == (5, 3, 56, 56)
+        assert torch.equal(nl_head.layers((x, [2, 3])), expected)
 
 
 def test_cascade_model_with_soft_nms():

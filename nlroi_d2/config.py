@@ -1,6 +1,9 @@
 from detectron2.config import CfgNode as CN
 
-from d2ext.config_checks import COUNT
+from d2ext.config_checks import COUNT, FRACTION, NON_NEGATIVE, POSITIVE, Requirement, one_of
+
+from .box_voting import BOX_VOTING_SCORING_METHODS
+from .soft_nms import SOFT_NMS_METHODS
 
 
 def add_nlroi_config(cfg):
@@ -35,5 +38,15 @@ def add_nlroi_config(cfg):
     return cfg
 
 
-# What each MODEL.NL_ROI value must be (SCALE_AFFINITY aside); Soft-NMS and box voting check their own.
+# What each MODEL.NL_ROI value must be (SCALE_AFFINITY aside).
 NL_ROI_REQUIREMENTS = {"EMBED_CHANNELS": COUNT, "G_CHANNELS": COUNT}
+# What the MODEL.ROI_HEADS values read by Soft-NMS / box voting must be, checked when it is enabled.
+SOFT_NMS_REQUIREMENTS = {
+    "SOFT_NMS.METHOD": one_of(*SOFT_NMS_METHODS), "SOFT_NMS.SIGMA": POSITIVE, "SOFT_NMS.SCORE_FLOOR": NON_NEGATIVE,
+    "NMS_THRESH_TEST": FRACTION,
+}
+BOX_VOTE_REQUIREMENTS = {
+    "BOX_VOTE.SCORING_METHOD": one_of(*BOX_VOTING_SCORING_METHODS),
+    "BOX_VOTE.IOU_THRESHOLD": Requirement(lambda v: 0 < v <= 1, "in (0, 1]"),
+    "BOX_VOTE.BETA": Requirement(lambda v: v != 0, "a number != 0"),  # TEMP_AVG / GENERALIZED_AVG divide by it
+}

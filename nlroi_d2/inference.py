@@ -10,7 +10,10 @@ from detectron2.layers import batched_nms
 from detectron2.modeling.roi_heads import FastRCNNOutputLayers
 from detectron2.structures import Boxes, Instances
 
+from d2ext.config_checks import check_values
+
 from .box_voting import box_voting, check_box_voting_args
+from .config import BOX_VOTE_REQUIREMENTS, SOFT_NMS_REQUIREMENTS
 from .soft_nms import batched_soft_nms, check_soft_nms_args
 
 logger = logging.getLogger(__name__)
@@ -31,14 +34,19 @@ class PostprocessSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "PostprocessSettings":
-        soft, vote = cfg.MODEL.ROI_HEADS.SOFT_NMS, cfg.MODEL.ROI_HEADS.BOX_VOTE
-        settings = cls(soft.ENABLED, soft.METHOD, soft.SIGMA, soft.SCORE_FLOOR, vote.ENABLED,
-                       vote.IOU_THRESHOLD, vote.SCORING_METHOD, vote.BETA)
-        settings.check(cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST)
-        return settings
+        """The settings of ``MODEL.ROI_HEADS.SOFT_NMS`` / ``BOX_VOTE``; a bad value of an enabled one raises a
+        ValueError naming its key."""
+        roi_heads = cfg.MODEL.ROI_HEADS
+        soft, vote = roi_heads.SOFT_NMS, roi_heads.BOX_VOTE
+        if soft.ENABLED:
+            check_values(roi_heads, "MODEL.ROI_HEADS", SOFT_NMS_REQUIREMENTS)
+        if vote.ENABLED:
+            check_values(roi_heads, "MODEL.ROI_HEADS", BOX_VOTE_REQUIREMENTS)
+        return cls(soft.ENABLED, soft.METHOD, soft.SIGMA, soft.SCORE_FLOOR, vote.ENABLED,
+                   vote.IOU_THRESHOLD, vote.SCORING_METHOD, vote.BETA)
 
     def check(self, nms_threshold: float):
-        """Raise a ValueError naming a bad setting (config errors surface when the model is built)."""
+        """Raise a ValueError naming a bad setting, for settings not built from a config."""
         if self.soft_nms:
             check_soft_nms_args(self.soft_nms_method, self.soft_nms_sigma, nms_threshold, self.soft_nms_score_floor)
         if self.box_vote:

@@ -82,8 +82,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         """Detectron2's model; a checkpoint that loads nothing into it is an error, also for Detectron2's
-        own meta-architectures (``GeneralizedRCNN`` of the NL-RoI configs). ``MODEL.MBRM.ENABLED`` on a model
-        that has no MBRM post-processing is an error (it would otherwise be ignored)."""
+        own meta-architectures (``GeneralizedRCNN`` of the NL-RoI configs). A post-processing switch on a model
+        that does not read it is an error (it would otherwise be ignored): ``MODEL.MBRM.ENABLED`` without MBRM
+        post-processing, ``MODEL.ROI_HEADS.SOFT_NMS`` / ``BOX_VOTE.ENABLED`` without ROI heads that apply them."""
         model = super().build_model(cfg)
         mbrm = cfg.MODEL.get("MBRM")
         if mbrm is not None and mbrm.ENABLED and getattr(model, "mbrm", None) is None:
@@ -91,6 +92,7 @@ class Trainer(DefaultTrainer):
                 f"MODEL.MBRM.ENABLED is True but MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} has no "
                 "MBRM post-processing; MBRM refines boxes from masks in RDSNet, CondInst / BoxInst, BlendMask, "
                 "SOLO / SOLOv2 and GeneralizedRCNNWithMBRM (Mask R-CNN)")
+        check_roi_postprocess_is_applied(cfg, model)
         register_empty_load_check(model)
         return model
 
@@ -113,3 +115,18 @@ class Trainer(DefaultTrainer):
             params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
+
+
+def check_roi_postprocess_is_applied(cfg, model):
+    """Raise a ValueError if ``MODEL.ROI_HEADS.SOFT_NMS.ENABLED`` or ``BOX_VOTE.ENABLED`` is on but no module of
+    ``model`` applies it. The modules that do (nlroi_d2's ROI heads and box predictor) hold the settings as
+    ``postprocess``, whose ``changes_nms`` is then True."""
+    roi_heads = cfg.MODEL.ROI_HEADS
+    switched_on = [f"MODEL.ROI_HEADS.{name}.ENABLED" for name in ("SOFT_NMS", "BOX_VOTE")
+                   if name in roi_heads and roi_heads[name].ENABLED]
+    if switched_on and not any(getattr(getattr(m, "postprocess", None), "changes_nms", False)
+                               for m in model.modules()):
+        raise ValueError(
+            f"{' and '.join(switched_on)} is True but nothing in MODEL.META_ARCHITECTURE "
+            f"{cfg.MODEL.META_ARCHITECTURE!r} / MODEL.ROI_HEADS.NAME {roi_heads.NAME!r} applies it; Soft-NMS and box "
+            "voting are applied by MODEL.ROI_HEADS.NAME NLRoIROIHeads and NLRoICascadeROIHeads")

@@ -3,6 +3,7 @@ images, checkpoints (round trip; a plain model's checkpoint reproduces the plain
 short overfit run on built-in images."""
 import copy
 import os
+import re
 
 import pytest
 import torch
@@ -122,11 +123,16 @@ def test_zero_proposals_at_inference():
     assert all(len(o["instances"]) == 0 for o in outputs)
 
 
-def test_bad_postprocess_config_is_named():
-    with pytest.raises(ValueError, match="Soft-NMS method"):
-        build_tiny_model(small_cfg(opts=["MODEL.ROI_HEADS.SOFT_NMS.METHOD", "cubic"]))
-    with pytest.raises(ValueError, match="scoring_method"):
-        build_tiny_model(small_cfg(opts=["MODEL.ROI_HEADS.BOX_VOTE.SCORING_METHOD", "MEDIAN"]))
+@pytest.mark.parametrize("key, value", [
+    ("MODEL.ROI_HEADS.SOFT_NMS.METHOD", "cubic"), ("MODEL.ROI_HEADS.SOFT_NMS.SIGMA", 0.0),
+    ("MODEL.ROI_HEADS.SOFT_NMS.SCORE_FLOOR", -1.0), ("MODEL.ROI_HEADS.NMS_THRESH_TEST", 1.5),
+    ("MODEL.ROI_HEADS.BOX_VOTE.SCORING_METHOD", "MEDIAN"), ("MODEL.ROI_HEADS.BOX_VOTE.IOU_THRESHOLD", 0.0),
+    ("MODEL.ROI_HEADS.BOX_VOTE.BETA", 0.0),
+])
+def test_bad_postprocess_config_is_named(key, value):
+    """The quick-start NL-RoI config has Soft-NMS and box voting on: a bad value names its key."""
+    with pytest.raises(ValueError, match=re.escape(key)):
+        build_tiny_model(small_cfg(opts=[key, value]))
 
 
 def test_nl_box_head_under_stock_roi_heads_is_an_error():

@@ -252,6 +252,26 @@ def test_mbrm_switch_on_a_model_without_mbrm_is_an_error(config):
         Trainer.build_model(cfg)
 
 
+@pytest.mark.parametrize("config, roi_heads", [("mask_rcnn_R18_FPN_synthetic.yaml", "StandardROIHeads"),
+                                              ("mask_rcnn_R18_FPN_synthetic.yaml", "CascadeROIHeads"),
+                                              ("fcos_R18_synthetic.yaml", "StandardROIHeads")])
+@pytest.mark.parametrize("switch", ["SOFT_NMS", "BOX_VOTE"])
+def test_soft_nms_or_box_vote_switch_on_a_model_without_them_is_an_error(config, roi_heads, switch):
+    cfg = setup_cfg(config_path(f"quickstart/{config}"), [f"MODEL.ROI_HEADS.{switch}.ENABLED", "True",
+                                                         "MODEL.ROI_HEADS.NAME", roi_heads,
+                                                         "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"])
+    with pytest.raises(ValueError, match=f"MODEL.ROI_HEADS.{switch}.ENABLED is True but nothing .* applies it"):
+        Trainer.build_model(cfg)
+
+
+@pytest.mark.parametrize("roi_heads", ["NLRoIROIHeads", "NLRoICascadeROIHeads"])
+def test_soft_nms_and_box_vote_switches_on_nl_roi_heads_build(roi_heads):
+    cfg = setup_cfg(config_path("quickstart/nlroi_mask_rcnn_R18_FPN_synthetic.yaml"),
+                    ["MODEL.ROI_HEADS.SOFT_NMS.ENABLED", "True", "MODEL.ROI_HEADS.BOX_VOTE.ENABLED", "True",
+                     "MODEL.ROI_HEADS.NAME", roi_heads, "MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG", "True"])
+    Trainer.build_model(cfg)
+
+
 def test_mbrm_switch_on_a_model_with_mbrm_builds():
     cfg = setup_cfg(config_path("quickstart/condinst_R18_synthetic.yaml"), ["MODEL.MBRM.ENABLED", "True"])
     assert Trainer.build_model(cfg).mbrm is not None

@@ -60,6 +60,16 @@ def test_eval_only(trained):
     assert "Evaluation results for segm" in log
 
 
+def test_eval_only_without_weights_is_an_error(tmp_path):
+    """Not an evaluation of a randomly initialised model."""
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "projects", "train_net.py"), "--config-file", CONFIG,
+                           "--eval-only", *TINY, "OUTPUT_DIR", str(tmp_path)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "--eval-only needs trained weights: MODEL.WEIGHTS is empty" in proc.stderr
+    assert "Evaluation results" not in proc.stdout + proc.stderr
+
+
 def test_resume_continues_from_the_last_checkpoint(trained, tmp_path):
     out, _ = trained
     resumed = str(tmp_path / "resumed")

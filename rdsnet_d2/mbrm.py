@@ -128,7 +128,8 @@ class MBRM(nn.Module):
         """The paper's training loss: cross-entropy of the posterior over edge positions against the
         GT edge (rounded to the nearest position), averaged over the 4N sides.
 
-        Sides whose GT edge lies where the truncated prior is 0 cannot be reached and are left out.
+        Sides whose GT edge lies where the truncated prior is 0 cannot be reached and are left out, as are
+        sides whose whole prior is truncated (a box so large that the prior's peak density is below the cutoff).
         Args:
             x_profiles (N, W), y_profiles (N, H): from :meth:`profiles` of the soft masks.
             boxes (N, 4): the detector's boxes; gt_boxes (N, 4): their matched GT boxes.
@@ -141,11 +142,13 @@ class MBRM(nn.Module):
         if boxes.shape[0] == 0:
             return no_loss
         log_posterior, _ = self._log_posterior(x_profiles, y_profiles, boxes.float())
-        log_posterior = F.log_softmax(log_posterior, dim=2)
+        # A row of -inf (whole prior truncated) would make log_softmax, and through it every gradient, nan.
+        reachable = torch.isfinite(log_posterior.amax(dim=2))  # (2N, 2)
+        log_posterior = F.log_softmax(log_posterior.masked_fill(~reachable[..., None], 0.0), dim=2)
         gt_x_sides, gt_y_sides = self._sides(gt_boxes.float()).round().chunk(2)
         targets = torch.cat([gt_x_sides.clamp(0, x_profiles.shape[1]), gt_y_sides.clamp(0, y_profiles.shape[1])]).long()
         picked = log_posterior.gather(2, targets[..., None])[..., 0]  # (2N, 2)
-        nll = -picked[torch.isfinite(picked)]
+        nll = -picked[torch.isfinite(picked) & reachable]
         if nll.numel() == 0:
             return no_loss
         return nll.mean()

@@ -218,6 +218,20 @@ def test_loss_matches_reference():
     expected = (side_nll(xp, 7.0, 13.0, 6, True) + side_nll(xp, 20.0, 13.0, 21, False)
                 + side_nll(yp, 3.0, 19.5, 4, True) + side_nll(yp, 22.5, 19.5, 24, False)) / 4
     assert beyond.item() == pytest.approx(expected, rel=1e-4)
+    # A side whose whole prior is truncated (peak density 1 / (sqrt(2 pi) 0.05 * 2040) < 0.0044) is left out,
+    # and the other box's sides still train: finite loss and gradients.
+    wide = torch.zeros(2, 300, 2100)
+    wide[:, 50:250, 20:2060] = 1.0
+    wide_boxes = torch.tensor([[20.0, 50.0, 2060.0, 250.0], [100.0, 50.0, 900.0, 250.0]])
+    wide_x, wide_y = MBRM.profiles(wide)
+    mbrm.zero_grad()
+    mixed = mbrm.loss(wide_x, wide_y, wide_boxes, wide_boxes)
+    mixed.backward()
+    assert torch.isfinite(mixed) and torch.isfinite(mbrm.weight.grad).all() and mbrm.weight.grad.abs().sum() > 0
+    # Left out: the wide box's x1 and x2, so the mean is over its y sides (2) and the other box's sides (4).
+    wide_alone = mbrm.loss(wide_x[:1], wide_y[:1], wide_boxes[:1], wide_boxes[:1])
+    other_alone = mbrm.loss(wide_x[1:], wide_y[1:], wide_boxes[1:], wide_boxes[1:])
+    assert mixed.item() == pytest.approx((2 * wide_alone.item() + 4 * other_alone.item()) / 6, rel=1e-5)
     # Nothing to train on: zero, with a gradient path.
     empty = mbrm.loss(torch.zeros(0, 32), torch.zeros(0, 24), torch.zeros(0, 4), torch.zeros(0, 4))
     assert empty.item() == 0.0 and empty.requires_grad

@@ -6,6 +6,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, build_proposal_generator
 
+from d2ext.config_checks import check_every_feature_read
 from d2ext.layers import PixelNormalizationMixin, register_empty_load_check
 
 from .correlation import object_rep_length
@@ -50,6 +51,12 @@ class RDSNetFCOS(RDSNetMasks, PixelNormalizationMixin, nn.Module):
         check_fcos_proposal_generator(cfg, "RDSNetFCOS")
         backbone = build_backbone(cfg)
         backbone_shape = backbone.output_shape()
+        check_every_feature_read(
+            backbone_shape,
+            {"MODEL.FCOS.IN_FEATURES": cfg.MODEL.FCOS.IN_FEATURES,
+             "MODEL.RDSNET.PIXEL_IN_FEATURES": cfg.MODEL.RDSNET.PIXEL_IN_FEATURES},
+            "set MODEL.FCOS.TOP_LEVELS (levels above P5) or MODEL.FPN.IN_FEATURES to build only what is read",
+        )
         rep_length = object_rep_length(cfg.MODEL.RDSNET.REP_DIM, cfg.MODEL.RDSNET.BOX_COORD_TERMS)
         return {
             "backbone": backbone,

@@ -95,6 +95,10 @@ def test_bad_config_is_a_clear_error():
         build_tiny_model(_cfg("MODEL.RDSNET.PIXEL_IN_FEATURES", ["p2", "p3", "p4"]))
     with pytest.raises(ValueError, match="PROPOSAL_GENERATOR"):
         build_tiny_model(_cfg("MODEL.PROPOSAL_GENERATOR.NAME", "RPN"))
+    # A P2 that neither FCOS (P3-P7) nor the pixel stream (P3-P5) reads would get no gradient (DDP fails).
+    with pytest.raises(ValueError, match=r"computes \['p2'\], which no head reads .*MODEL.FCOS.TOP_LEVELS"):
+        build_tiny_model(_cfg("MODEL.RESNETS.OUT_FEATURES", ["res2", "res3", "res4", "res5"],
+                              "MODEL.FPN.IN_FEATURES", ["res2", "res3", "res4", "res5"]))
 
 
 def test_checkpoint_round_trip(tmp_path):

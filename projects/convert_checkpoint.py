@@ -8,7 +8,11 @@ Detectron2 checkpoint in this repository's parameter names.
 The model of ``--config-file`` loads ``--input`` through Detectron2's ``DetectionCheckpointer`` (each
 model renames the reference names it knows in ``_load_from_state_dict`` and rejects unknown or
 mis-shaped keys with an error naming them); the loaded state dict is then saved as ``{"model": ...}``.
-mmdetection's ``{"state_dict": ..., "meta": ...}`` files are unwrapped first.
+mmdetection's ``{"state_dict": ..., "meta": ...}`` files are unwrapped first. A parameter or buffer of the
+model that the checkpoint does not hold is an error, since the output would carry its random initialisation
+as if converted (except those whose initial values are the released ones, such as MBRM's constants:
+``d2ext.layers.keys_reference_checkpoints_lack``); ``--allow-missing`` converts anyway (e.g. a plain Mask
+R-CNN into an NL-RoI model, whose new parameters start at zero), listing what kept its initialisation.
 """
 import argparse
 import os
@@ -19,6 +23,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from d2ext.engine import setup_cfg
+from d2ext.layers import keys_reference_checkpoints_lack
 
 
 def unwrap_mmdet_checkpoint(input_path, directory):
@@ -34,12 +39,23 @@ def unwrap_mmdet_checkpoint(input_path, directory):
     return path
 
 
-def convert(config_file, input_path, output_path, opts=()):
+def convert(config_file, input_path, output_path, opts=(), allow_missing=False):
+    """Returns the names of the model's parameters and buffers that ``input_path`` did not hold."""
     cfg = setup_cfg(config_file, ["MODEL.DEVICE", "cpu", *opts])
     model = build_model(cfg)
+    missing = []
+    # DetectionCheckpointer loads with strict=False and only logs what the checkpoint lacks.
+    hook = model.register_load_state_dict_post_hook(lambda module, keys: missing.extend(keys.missing_keys))
     with tempfile.TemporaryDirectory() as directory:
         DetectionCheckpointer(model).load(unwrap_mmdet_checkpoint(input_path, directory))
+    hook.remove()
+    missing = [key for key in missing if key not in keys_reference_checkpoints_lack(model)]
+    if missing and not allow_missing:
+        raise ValueError(f"{input_path} does not hold {len(missing)} of the parameters and buffers of the model of "
+                         f"{config_file}: {missing}. Is it the checkpoint of that model? --allow-missing converts "
+                         "anyway, leaving them at their initialisation")
     torch.save({"model": model.state_dict(), "__author__": "d2ext convert_checkpoint"}, output_path)
+    return missing
 
 
 def main():
@@ -47,9 +63,13 @@ def main():
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--input", required=True, help="released checkpoint (.pth / .pkl)")
     parser.add_argument("--output", required=True, help="converted checkpoint (.pth)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="convert even if the checkpoint lacks some of the model's parameters or buffers")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[])
     args = parser.parse_args()
-    convert(args.config_file, args.input, args.output, args.opts)
+    missing = convert(args.config_file, args.input, args.output, args.opts, args.allow_missing)
+    if missing:
+        print(f"kept their initialisation (not in {args.input}): {missing}")
     print("wrote", args.output)
 
 

@@ -70,6 +70,8 @@ class MBRM(nn.Module):
         self.prior_cutoff = prior_cutoff
         if kernel_half_size == len(OFFICIAL_KERNEL) // 2:
             weight, bias = torch.tensor(OFFICIAL_KERNEL), torch.tensor([OFFICIAL_BIAS])
+            # Released models without MBRM lack these; the released constants are what they would hold.
+            self.reference_checkpoints_lack = ("weight", "bias")
         else:
             weight, bias = torch.zeros(2 * kernel_half_size + 1), torch.zeros(1)
         # Named like the official module's (mbrm.weight (1, 1, 2s+1), mbrm.bias (1,)).

@@ -35,6 +35,7 @@ class RDSNet(RDSNetMasks, RetinaNet):
         # ``_ema_update``, which starts it at 100): a buffer, so that checkpoints keep it and a resumed run
         # continues it (as a plain attribute it restarted at 100). Official checkpoints lack it: kept at 100.
         self.register_buffer("loss_normalizer", torch.tensor(100.0))
+        self.reference_checkpoints_lack = ("loss_normalizer",)
         self.init_masks(**mask_options)
         register_empty_load_check(self)
 

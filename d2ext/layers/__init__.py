@@ -9,7 +9,8 @@ from .losses import dice_loss
 from .mmdet_names import mmdet_resnet_fpn_key
 from .postprocess import (capped_count, mask_bounding_boxes, postprocess_full_image_masks, postprocess_per_image,
                           stable_argsort)
-from .state_dict import ReferenceCheckpointMixin, register_empty_load_check, rename_reference_keys
+from .state_dict import (ReferenceCheckpointMixin, keys_reference_checkpoints_lack, register_empty_load_check,
+                         rename_reference_keys)
 from .upsample import aligned_bilinear
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "ensure_gt_masks",
     "fpn_top_block",
     "is_conv3x3",
+    "keys_reference_checkpoints_lack",
     "mask_bounding_boxes",
     "mmdet_resnet_fpn_key",
     "padded_bitmasks",

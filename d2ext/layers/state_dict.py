@@ -72,6 +72,14 @@ class ReferenceCheckpointMixin:
                                       unexpected_keys, error_msgs)
 
 
+def keys_reference_checkpoints_lack(model):
+    """The state-dict keys of ``model`` that a released (reference) checkpoint of it does not hold and whose
+    initial values are the ones to keep (such as the official MBRM constants): every module lists its own,
+    as local names, in an attribute ``reference_checkpoints_lack``."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+            for name in getattr(module, "reference_checkpoints_lack", ())}
+
+
 def _some_keys(keys, count=4):
     """"N: a, b, c, d, ..." for an error message."""
     return f"{len(keys)}: {', '.join(keys[:count])}{', ...' if len(keys) > count else ''}"

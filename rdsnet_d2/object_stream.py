@@ -48,7 +48,6 @@ class RDSNetHead(nn.Module):
         super().__init__()
         if rep_dim <= 0:
             raise ValueError(f"MODEL.RDSNET.REP_DIM must be positive, got {rep_dim}")
-        self.num_classes = num_classes
         self.num_anchors = num_anchors
         self.rep_dim = rep_dim
         self.cls_tower = _tower(in_channels, num_convs, norm)

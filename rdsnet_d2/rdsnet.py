@@ -8,7 +8,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet, build_backbone
 from detectron2.structures import Boxes, Instances, pairwise_iou
 
 from d2ext.config_checks import check_every_feature_read, check_in_features
-from d2ext.layers import capped_count, check_input_images, register_empty_load_check
+from d2ext.layers import capped_count, check_gt_classes, check_input_images, register_empty_load_check
 
 from .checkpoint import rename_official_rdsnet_keys
 from .masks import RDSNetMasks
@@ -78,6 +78,7 @@ class RDSNet(RDSNetMasks, RetinaNet):
     # ------------------------------------------------------------------ training
     def training_losses(self, batched_inputs, gt_instances):
         """RetinaNet's losses and ``loss_mask`` on the foreground anchors."""
+        check_gt_classes(gt_instances, self.num_classes, "MODEL.RETINANET.NUM_CLASSES")
         images, features, predictions, pixel_reps = self._run_streams(batched_inputs)
         pred_logits, pred_deltas, rep_features = predictions
         anchors = self.anchor_generator(features)

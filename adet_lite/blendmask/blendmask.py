@@ -8,8 +8,8 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Instances
 
 from d2ext.config_checks import check_values
-from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, padded_bitmasks, postprocess_per_image,
-                          register_empty_load_check, semantic_targets)
+from d2ext.layers import (PixelNormalizationMixin, check_gt_classes, ensure_gt_masks, padded_bitmasks,
+                          postprocess_per_image, register_empty_load_check, semantic_targets)
 
 from ..fcos.config import check_fcos_proposal_generator
 from ..fcos.head import top_feats_conv
@@ -26,11 +26,9 @@ def thing_semantic_targets(gt_instances: List[Instances], padded_size, num_class
     """AdelaiDet's "thing" maps for the basis module's semantic loss, derived from the instance masks
     (AdelaiDet reads them from precomputed files): (N, H/stride, W/stride) int64, 0 = background,
     class c = c + 1, the smallest instance where several overlap, background in the padding."""
+    check_gt_classes(gt_instances, num_classes, "MODEL.BASIS_MODULE.NUM_CLASSES")
     maps = []
-    for i, instances in enumerate(gt_instances):
-        if len(instances) and instances.gt_classes.max() >= num_classes:
-            raise ValueError(f"image {i} has class {int(instances.gt_classes.max())} but "
-                             f"MODEL.BASIS_MODULE.NUM_CLASSES is {num_classes}")
+    for instances in gt_instances:
         masks = padded_bitmasks(instances.gt_masks, padded_size, instances.gt_classes.device)
         maps.append(Instances(tuple(padded_size), gt_bitmasks_full=masks, gt_classes=instances.gt_classes))
     return semantic_targets(maps, num_classes, stride, background_first=True)

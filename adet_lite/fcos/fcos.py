@@ -8,7 +8,7 @@ from detectron2.modeling import PROPOSAL_GENERATOR_REGISTRY
 from detectron2.structures import ImageList, Instances
 from detectron2.utils import comm
 from d2ext.config_checks import check_in_features, check_norm, check_values
-from d2ext.layers import is_conv3x3
+from d2ext.layers import check_gt_classes, is_conv3x3
 
 from .config import FCOS_REQUIREMENTS
 from .head import FCOSHead, top_feats_at_locations
@@ -194,10 +194,7 @@ class FCOS(nn.Module):
                 (P, C), ``ctrness_pred`` (P,), ``box_reg_pred`` (P, 4), ``reg_targets`` (P, 4) (stride
                 units) and ``top_feats`` (P, K) if any.
         """
-        for i, instances in enumerate(gt_instances):
-            if len(instances) and instances.gt_classes.max() >= self.num_classes:
-                raise ValueError(f"image {i} has class {int(instances.gt_classes.max())} but "
-                                 f"MODEL.FCOS.NUM_CLASSES is {self.num_classes}")
+        check_gt_classes(gt_instances, self.num_classes, "MODEL.FCOS.NUM_CLASSES")
         labels, reg_targets, gt_inds = self.targets(predictions, gt_instances)
         num_images, num_locations = labels.shape
 

@@ -10,9 +10,9 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Instances
 
 from d2ext.config_checks import check_in_features, check_norm, check_values, one_of
-from d2ext.layers import (PixelNormalizationMixin, ensure_gt_masks, mask_bounding_boxes, padded_bitmasks,
-                          postprocess_full_image_masks, postprocess_per_image, register_empty_load_check,
-                          rename_reference_keys)
+from d2ext.layers import (PixelNormalizationMixin, check_gt_classes, ensure_gt_masks, mask_bounding_boxes,
+                          padded_bitmasks, postprocess_full_image_masks, postprocess_per_image,
+                          register_empty_load_check, rename_reference_keys)
 
 from ..mbrm import mbrm_options
 from .category_branch import CategoryBranch
@@ -76,6 +76,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
     """SOLO: an S x S grid per FPN level; each cell predicts the class and the mask of the instance whose
     centre falls in it. The mask branch decides the variant (S^2 masks, decoupled X / Y masks, or
     SOLOv2's dynamic kernels, see ``SOLOv2``)."""
+
+    config_node = "MODEL.SOLO"  # the config node of its keys, for messages
 
     @configurable
     def __init__(
@@ -210,6 +212,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         category_labels = [[] for _ in self.num_grids]
         mask_probs, mask_targets = [], []
         num_positives = 0
+        check_gt_classes(gt_instances, self.num_classes, f"{self.config_node}.NUM_CLASSES")
         for image, instances in enumerate(gt_instances):
             targets = assign_grid_targets(
                 padded_bitmasks(ensure_gt_masks(instances, "SOLO").gt_masks, padded_size, device=self.device),
@@ -302,12 +305,15 @@ class SOLOv2(SOLO):
     """SOLOv2 (AdelaiDet's config keys MODEL.SOLOV2): each cell predicts a 1x1 kernel applied to unified
     stride-4 mask features; positives are (instance, cell) pairs."""
 
+    config_node = "MODEL.SOLOV2"
+
     @classmethod
     def from_config(cls, cfg):
         node = cfg.MODEL.SOLOV2
         backbone = build_backbone(cfg)
         options = _grid_options(node, "MODEL.SOLOV2", SOLOV2_REQUIREMENTS)
-        check_norm("MODEL.SOLOV2.NORM", node.NORM, {"MODEL.SOLOV2.MASK_CHANNELS": node.MASK_CHANNELS})
+        check_norm("MODEL.SOLOV2.NORM", node.NORM, {"MODEL.SOLOV2.MASK_CHANNELS": node.MASK_CHANNELS,
+                                                    "MODEL.SOLOV2.NUM_MASKS": node.NUM_MASKS})
         in_channels = _instance_channels(backbone, options["instance_in_features"], "MODEL.SOLOV2.INSTANCE_IN_FEATURES")
         mask_in_channels = _instance_channels(backbone, node.MASK_IN_FEATURES, "MODEL.SOLOV2.MASK_IN_FEATURES")
         if in_channels != node.INSTANCE_IN_CHANNELS:

@@ -3,6 +3,7 @@ from .conv import conv_norm_relu, conv_norm_relu_reference_key
 from .conv_at_cells import conv3x3_at_cells, is_conv3x3
 from .coords import coordinate_features
 from .fpn import LastLevelP6, fpn_top_block
+from .gt_checks import check_gt_classes
 from .gt_masks import ensure_gt_masks, padded_bitmasks, semantic_targets
 from .images import PixelNormalizationMixin, check_image_sizes, check_input_images
 from .losses import dice_loss
@@ -19,6 +20,7 @@ __all__ = [
     "ReferenceCheckpointMixin",
     "aligned_bilinear",
     "capped_count",
+    "check_gt_classes",
     "check_image_sizes",
     "check_input_images",
     "conv_norm_relu",

@@ -25,7 +25,7 @@ from PIL import Image
 from d2ext.data.image_io import read_image
 from d2ext.data.mapper import DatasetMapper
 from d2ext.engine import Trainer, setup_cfg
-from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, tiny_cfg
+from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batch, tiny_cfg, train_step
 
 # name: (quick-start config, opts selecting the variant, the key of the number of classes)
 MODELS = {
@@ -340,6 +340,24 @@ def assert_loaded_from(model, source_state, keys):
     state = model.state_dict()
     for key in keys:
         assert torch.equal(state[key], source_state[key]), key
+
+
+# Detectron2's own ROI heads (NL-RoI Mask R-CNN) do not check the classes: left to Detectron2.
+@pytest.mark.parametrize("name", [name for name in MODELS if name != "nlroi_mask_rcnn"])
+@pytest.mark.parametrize("bad_class", ["num_classes", -1])
+def test_gt_class_outside_the_class_count_is_an_error_naming_the_key(name, bad_class):
+    """A class equal to the class count would train as background; a larger or negative one would fail
+    inside one_hot or index another class."""
+    _, _, classes_key = MODELS[name]
+    cfg = model_cfg(name)
+    batch = dataset_batch(cfg, indices=(0, 1))
+    value = cfg.MODEL[classes_key.split(".")[1]].NUM_CLASSES if bad_class == "num_classes" else bad_class
+    batch[1]["instances"].gt_classes[-1] = value
+    # BlendMask's basis module derives its semantic targets (classes) before FCOS's loss runs.
+    named_key = "MODEL.BASIS_MODULE.NUM_CLASSES" if name == "blendmask" else classes_key
+    with pytest.raises(ValueError, match=rf"image 1 has class {value}, but classes must lie in "
+                                         rf"\[0, {re.escape(named_key)}\)"):
+        train_step(build_tiny_model(cfg), batch)
 
 
 @parametrize_models

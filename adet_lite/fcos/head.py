@@ -147,7 +147,8 @@ class FCOSHead(ReferenceCheckpointMixin, nn.Module):
             bbox_tower = self.bbox_subnet(feature)
             logits.append(self.cls_score(cls_tower))
             ctrness.append(self.ctrness(bbox_tower))
-            reg = self.bbox_pred(bbox_tower)
+            # fp32 under autocast, as a Scale's fp32 product makes it: the losses mix it with fp32 targets.
+            reg = self.bbox_pred(bbox_tower).float()
             if self.scales is not None:
                 reg = self.scales[level](reg)
             bbox_reg.append(F.relu(reg) if self.use_relu else torch.exp(reg))

@@ -10,12 +10,13 @@ _DICE_EPS = 2e-3
 
 
 def solo_mask_loss(mask_probs, mask_targets, num_positives, weight):
-    """Dice loss summed over positive cells and divided by their number (over the batch).
+    """Dice loss summed over the positives and divided by their number (over the batch): positive cells
+    (SOLO), or (instance, cell) pairs (SOLOv2, where two instances may share a cell; AdelaiDet's mean).
 
     Args:
-        mask_probs: list of (K_i, h_i, w_i) predicted probabilities (groups of cells of one size).
+        mask_probs: list of (K_i, h_i, w_i) predicted probabilities (groups of positives of one size).
         mask_targets: list of the matching (K_i, h_i, w_i) 0/1 targets.
-        num_positives: total number of positive cells (sum of K_i).
+        num_positives: total number of positives (sum of K_i).
     Returns:
         scalar; 0 (still connected to the predictions) when there is no positive.
     """
@@ -26,8 +27,9 @@ def solo_mask_loss(mask_probs, mask_targets, num_positives, weight):
     return weight * total / max(num_positives, 1)
 
 
-def solo_category_loss(category_logits, category_labels, num_positives, alpha, gamma, weight):
-    """Sigmoid focal loss over every cell of every level, divided by (number of positives + 1).
+def solo_category_loss(category_logits, category_labels, alpha, gamma, weight):
+    """Sigmoid focal loss over every cell of every level, divided by (number of positive cells + 1): cells,
+    not (instance, cell) pairs, also for SOLOv2 (AdelaiDet's ``ins_ind_labels.sum() + 1``).
 
     Args:
         category_logits: per level (B, C, S_l, S_l).
@@ -36,7 +38,8 @@ def solo_category_loss(category_logits, category_labels, num_positives, alpha, g
     num_classes = category_logits[0].shape[1]
     logits = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, num_classes) for x in category_logits])
     labels = torch.cat([y.reshape(-1) for y in category_labels])
+    num_positive_cells = (labels != num_classes).sum()
     # One extra "background" column, dropped: background cells get all-zero targets.
     targets = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(logits.dtype)
     loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
-    return weight * loss / (num_positives + 1)
+    return weight * loss / (num_positive_cells + 1)

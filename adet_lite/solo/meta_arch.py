@@ -228,8 +228,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         category_labels = [torch.stack(labels) for labels in category_labels]
         return {
             "loss_mask": solo_mask_loss(mask_probs, mask_targets, num_positives, self.dice_weight),
-            "loss_cls": solo_category_loss(category_logits, category_labels, num_positives,
-                                           self.focal_alpha, self.focal_gamma, self.focal_weight),
+            "loss_cls": solo_category_loss(category_logits, category_labels, self.focal_alpha, self.focal_gamma,
+                                           self.focal_weight),
         }
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ import torch
 from adet_lite.solo import mask_nms, matrix_nms, point_nms
 from adet_lite.solo.nms import pair_intersections, same_label_mask_iou
 from adet_lite.solo.inference import GridInferenceParams, select_instances
-from adet_lite.solo.losses import solo_mask_loss
+from adet_lite.solo.losses import solo_category_loss, solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
 from adet_lite.solo.solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
 from adet_lite.solo.targets import assign_grid_targets
@@ -139,6 +139,28 @@ def test_dice_mask_loss_reference_form():
     # No positive: zero, but still a tensor connected to the predictions.
     none = solo_mask_loss([probs[:0].requires_grad_()], [targets[:0]], num_positives=0, weight=3.0)
     assert none.item() == 0.0 and none.requires_grad
+
+
+def test_category_loss_is_focal_over_all_cells_per_positive_cell():
+    """Sum of the per-(cell, class) sigmoid focal terms (a loop) / (positive cells + 1): cells, however many
+    instances (SOLOv2's pairs) train their masks."""
+    generator = torch.Generator().manual_seed(3)
+    num_classes, alpha, gamma = 3, 0.25, 2.0
+    logits = [torch.randn(2, num_classes, s, s, generator=generator) for s in (4, 2)]
+    labels = [torch.full((2, s * s), num_classes) for s in (4, 2)]
+    labels[0][0, 5], labels[0][1, 0], labels[1][1, 3] = 2, 0, 1  # 3 positive cells
+    expected = 0.0
+    for level_logits, level_labels in zip(logits, labels):
+        for b in range(2):
+            for cell in range(level_labels.shape[1]):
+                for c in range(num_classes):
+                    x = level_logits[b, c].flatten()[cell].item()
+                    p, t = 1 / (1 + math.exp(-x)), float(level_labels[b, cell].item() == c)
+                    p_t = p * t + (1 - p) * (1 - t)
+                    alpha_t = alpha * t + (1 - alpha) * (1 - t)
+                    expected += -alpha_t * (1 - p_t) ** gamma * math.log(p_t)
+    loss = solo_category_loss(logits, labels, alpha, gamma, weight=1.0)
+    assert loss.item() == pytest.approx(expected / (3 + 1), rel=1e-5)
 
 
 def _reference_grid_targets(masks, boxes, classes, num_grid, low, high, sigma, deduplicate):

@@ -78,6 +78,10 @@ class FCOS(nn.Module):
         fcos = cfg.MODEL.FCOS
         check_values(fcos, "MODEL.FCOS", FCOS_REQUIREMENTS)
         check_in_features("MODEL.FCOS.IN_FEATURES", fcos.IN_FEATURES, input_shape)
+        strides = [input_shape[f].stride for f in fcos.IN_FEATURES]
+        if list(fcos.FPN_STRIDES) != strides:  # they place the locations and size the centre regions
+            raise ValueError(f"MODEL.FCOS.FPN_STRIDES {list(fcos.FPN_STRIDES)} must be the strides of "
+                             f"MODEL.FCOS.IN_FEATURES {list(fcos.IN_FEATURES)}: {strides}")
         check_norm("MODEL.FCOS.NORM", fcos.NORM, {"the towers": input_shape[fcos.IN_FEATURES[0]].channels})
         return {
             "head": FCOSHead(cfg, [input_shape[f] for f in fcos.IN_FEATURES]),

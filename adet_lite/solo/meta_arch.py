@@ -24,7 +24,7 @@ from .nms import MATRIX_NMS_KERNELS, point_nms
 from .solo_mask_branch import DecoupledSOLOMaskBranch, SOLOMaskBranch
 from .solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
 from .targets import assign_grid_targets
-from .towers import resize_instance_levels
+from .towers import resize_instance_levels, resized_instance_strides
 
 SOLO_VARIANTS = ("SOLO", "DecoupledSOLO", "DecoupledSOLOLight")
 _AREA_FILTER_MASK_STRIDE = 4
@@ -69,6 +69,15 @@ def _instance_channels(backbone, in_features, node_name):
     if len(channels) != 1:
         raise ValueError(f"{node_name}: features {in_features} must have equal channels, got {channels}")
     return channels.pop()
+
+
+def _check_instance_strides(backbone, in_features, instance_strides, node_name):
+    """FPN_INSTANCE_STRIDES (the mask targets' scale) must be the strides of the resized instance levels."""
+    expected = resized_instance_strides([backbone.output_shape()[f].stride for f in in_features])
+    if list(instance_strides) != expected:
+        raise ValueError(f"{node_name}.FPN_INSTANCE_STRIDES {list(instance_strides)} must be the strides of "
+                         f"{node_name}.INSTANCE_IN_FEATURES {list(in_features)} after the reference's resizing (the "
+                         f"finest halved, the last at the size of the one before): {expected}")
 
 
 @META_ARCH_REGISTRY.register()
@@ -146,6 +155,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         backbone = build_backbone(cfg)
         options = _grid_options(node, "MODEL.SOLO", GRID_HEAD_REQUIREMENTS)
         in_channels = _instance_channels(backbone, options["instance_in_features"], "MODEL.SOLO.INSTANCE_IN_FEATURES")
+        _check_instance_strides(backbone, options["instance_in_features"], options["instance_strides"], "MODEL.SOLO")
         tower = dict(in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
                      norm=node.NORM, num_grids=node.NUM_GRIDS, prior_prob=node.PRIOR_PROB)
         if node.VARIANT == "SOLO":
@@ -316,6 +326,7 @@ class SOLOv2(SOLO):
         check_norm("MODEL.SOLOV2.NORM", node.NORM, {"MODEL.SOLOV2.MASK_CHANNELS": node.MASK_CHANNELS,
                                                     "MODEL.SOLOV2.NUM_MASKS": node.NUM_MASKS})
         in_channels = _instance_channels(backbone, options["instance_in_features"], "MODEL.SOLOV2.INSTANCE_IN_FEATURES")
+        _check_instance_strides(backbone, options["instance_in_features"], options["instance_strides"], "MODEL.SOLOV2")
         mask_in_channels = _instance_channels(backbone, node.MASK_IN_FEATURES, "MODEL.SOLOV2.MASK_IN_FEATURES")
         if in_channels != node.INSTANCE_IN_CHANNELS:
             raise ValueError(f"MODEL.SOLOV2.INSTANCE_IN_CHANNELS={node.INSTANCE_IN_CHANNELS} but the backbone's "

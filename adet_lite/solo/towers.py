@@ -46,6 +46,11 @@ def resize_instance_levels(features):
     return resized
 
 
+def resized_instance_strides(strides):
+    """The strides of :func:`resize_instance_levels`' output, given those of its input levels."""
+    return [2 * strides[0], *strides[1:-1], strides[-2]]
+
+
 def with_coordinates(x, which=(0, 1)):
     """Append CoordConv channels (x then y in [-1, 1]; ``which`` selects them) to (B, C, H, W)."""
     coords = coordinate_features(x.shape[-2], x.shape[-1], device=x.device, dtype=x.dtype)[list(which)]

@@ -5,6 +5,8 @@ from typing import List
 import torch
 from detectron2.structures import Instances
 
+from d2ext.layers import mask_centroids
+
 INF = math.inf
 
 
@@ -37,13 +39,7 @@ def object_centers(instances: Instances):
     box_centers = instances.gt_boxes.get_centers()
     if not instances.has("gt_bitmasks_full") or len(instances) == 0:
         return box_centers
-    masks = instances.gt_bitmasks_full.float()
-    area = masks.sum(dim=(1, 2))
-    ys = torch.arange(masks.shape[1], dtype=masks.dtype, device=masks.device)
-    xs = torch.arange(masks.shape[2], dtype=masks.dtype, device=masks.device)
-    centroid_x = (masks.sum(dim=1) * xs).sum(dim=1) / area.clamp(min=1e-6)
-    centroid_y = (masks.sum(dim=2) * ys).sum(dim=1) / area.clamp(min=1e-6)
-    centroids = torch.stack((centroid_x, centroid_y), dim=1)
+    centroids, area = mask_centroids(instances.gt_bitmasks_full)
     return torch.where((area > 0)[:, None], centroids, box_centers)
 
 

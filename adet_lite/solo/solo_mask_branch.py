@@ -2,7 +2,9 @@
 import torch.nn as nn
 from detectron2.layers import Conv2d
 
-from .towers import conv_tower, init_conv, resize_masks, upsample2x, with_coordinates
+from d2ext.layers import resize_soft_masks
+
+from .towers import conv_tower, init_conv, upsample2x, with_coordinates
 
 
 class SOLOMaskBranch(nn.Module):
@@ -35,7 +37,7 @@ class SOLOMaskBranch(nn.Module):
     def mask_probs(self, outputs, image, level, cells, size=None):
         """Mask probabilities of some cells of one image and level: (K,) cells -> (K, h, w), at the
         level's resolution or resized to ``size``."""
-        return resize_masks(outputs[level][image, cells].sigmoid(), size)
+        return resize_soft_masks(outputs[level][image, cells].sigmoid(), size)
 
 
 class DecoupledSOLOMaskBranch(nn.Module):
@@ -86,4 +88,4 @@ class DecoupledSOLOMaskBranch(nn.Module):
         num_grid = self.num_grids[level]
         logits_x, logits_y = outputs[level]
         rows, cols = cells // num_grid, cells % num_grid
-        return resize_masks(logits_x[image, cols].sigmoid(), size) * resize_masks(logits_y[image, rows].sigmoid(), size)
+        return resize_soft_masks(logits_x[image, cols].sigmoid(), size) * resize_soft_masks(logits_y[image, rows].sigmoid(), size)

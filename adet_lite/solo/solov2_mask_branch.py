@@ -3,7 +3,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, get_norm
 
-from .towers import conv_tower, init_conv, resize_masks, upsample2x, with_coordinates
+from d2ext.layers import resize_soft_masks
+
+from .towers import conv_tower, init_conv, upsample2x, with_coordinates
 
 
 class KernelBranch(nn.Module):
@@ -105,5 +107,5 @@ class SOLOv2MaskBranch(nn.Module):
         cell_kernels = kernels[level][image].flatten(1)[:, cells].T  # (K, E)
         feats = mask_features[image]
         logits = (cell_kernels @ feats.flatten(1)).view(-1, *feats.shape[-2:])
-        logits = resize_masks(logits, self._mask_size(feats))
-        return resize_masks(logits.sigmoid(), size)
+        logits = resize_soft_masks(logits, self._mask_size(feats))
+        return resize_soft_masks(logits.sigmoid(), size)

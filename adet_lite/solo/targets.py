@@ -5,6 +5,8 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from d2ext.layers import mask_centroids
+
 
 @dataclass
 class GridTargets:
@@ -19,17 +21,6 @@ class GridTargets:
     cells: torch.Tensor
     gt_indices: torch.Tensor
     masks: torch.Tensor
-
-
-def centre_of_mass(masks):
-    """(N, H, W) binary masks -> (row, column) centres of mass, each (N,) (pixel indices, float)."""
-    masks = masks.float()
-    rows = torch.arange(masks.shape[1], device=masks.device, dtype=masks.dtype)
-    cols = torch.arange(masks.shape[2], device=masks.device, dtype=masks.dtype)
-    area = masks.sum(dim=(1, 2)).clamp(min=1e-6)
-    centre_row = (masks.sum(dim=2) * rows).sum(dim=1) / area
-    centre_col = (masks.sum(dim=1) * cols).sum(dim=1) / area
-    return centre_row, centre_col
 
 
 def _grid_index(coordinate, extent, num_grid):
@@ -87,7 +78,7 @@ def assign_grid_targets(
     scales = torch.sqrt(widths.clamp(min=0) * heights.clamp(min=0))
     # An instance whose mask vanished (degenerate polygon, cropped away) has no centre: it trains nothing.
     nonempty = gt_masks.flatten(1).any(dim=1)
-    centre_row, centre_col = centre_of_mass(gt_masks)
+    centre_col, centre_row = mask_centroids(gt_masks)[0].unbind(dim=1)
     half_h = 0.5 * heights * sigma
     half_w = 0.5 * widths * sigma
     offsets = torch.tensor([-1, 0, 1], device=device)

@@ -62,8 +62,3 @@ def upsample2x(x):
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-def resize_masks(probs, size):
-    """(K, h, w) -> (K, size), bilinear; unchanged when ``size`` is None or already the size."""
-    if size is None or tuple(probs.shape[-2:]) == tuple(size):
-        return probs
-    return F.interpolate(probs[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]

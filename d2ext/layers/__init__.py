@@ -4,12 +4,12 @@ from .conv_at_cells import conv3x3_at_cells, is_conv3x3
 from .coords import coordinate_features
 from .fpn import LastLevelP6, fpn_top_block
 from .gt_checks import check_gt_classes
-from .gt_masks import ensure_gt_masks, padded_bitmasks, semantic_targets
+from .gt_masks import ensure_gt_masks, mask_centroids, padded_bitmasks, semantic_targets
 from .images import PixelNormalizationMixin, check_image_sizes, check_input_images
 from .losses import dice_loss
 from .mmdet_names import mmdet_resnet_fpn_key
 from .postprocess import (capped_count, mask_bounding_boxes, postprocess_full_image_masks, postprocess_per_image,
-                          stable_argsort)
+                          resize_soft_masks, stable_argsort)
 from .state_dict import (ReferenceCheckpointMixin, keys_reference_checkpoints_lack, register_empty_load_check,
                          rename_reference_keys)
 from .upsample import aligned_bilinear
@@ -33,12 +33,14 @@ __all__ = [
     "is_conv3x3",
     "keys_reference_checkpoints_lack",
     "mask_bounding_boxes",
+    "mask_centroids",
     "mmdet_resnet_fpn_key",
     "padded_bitmasks",
     "postprocess_full_image_masks",
     "postprocess_per_image",
     "register_empty_load_check",
     "rename_reference_keys",
+    "resize_soft_masks",
     "semantic_targets",
     "stable_argsort",
 ]

@@ -59,6 +59,17 @@ def padded_bitmasks(gt_masks, padded_size, device=None):
     return F.pad(masks.bool(), (0, width - mask_w, 0, height - mask_h)).to(device)
 
 
+def mask_centroids(masks):
+    """(N, H, W) binary masks -> ((N, 2) float centroids (x, y) in pixel indices, (N,) float areas); the centroid
+    of an empty mask is (0, 0)."""
+    masks = masks.float()
+    area = masks.sum(dim=(1, 2))
+    xs = torch.arange(masks.shape[2], dtype=masks.dtype, device=masks.device)
+    ys = torch.arange(masks.shape[1], dtype=masks.dtype, device=masks.device)
+    centroids = torch.stack([(masks.sum(dim=1) * xs).sum(dim=1), (masks.sum(dim=2) * ys).sum(dim=1)], dim=1)
+    return centroids / area.clamp(min=1e-6)[:, None], area
+
+
 def semantic_targets(gt_instances: List[Instances], num_classes, stride, background_first=False):
     """Per-pixel class maps derived from instance masks (the targets of auxiliary semantic losses).
 

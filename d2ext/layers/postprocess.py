@@ -67,7 +67,7 @@ def postprocess_full_image_masks(results, output_height, output_width, mask_thre
         soft = masks[kept[chunk]]
         if input_size_masks is not None:
             soft = input_size_masks(soft, results.image_size)
-        soft = _resize_soft_masks(soft, (output_height, output_width))
+        soft = resize_soft_masks(soft.float(), (output_height, output_width))
         if refine_boxes is not None:
             refined[chunk] = refine_boxes(soft, refined[chunk])
         binary[chunk] = soft > mask_threshold
@@ -77,11 +77,12 @@ def postprocess_full_image_masks(results, output_height, output_width, mask_thre
     return out
 
 
-def _resize_soft_masks(masks, output_size):
-    """(n, h', w') soft masks -> (n, H, W) float, bilinear (align_corners=False)."""
-    if not torch.jit.is_tracing() and tuple(masks.shape[-2:]) == tuple(output_size):
-        return masks.float()  # what the interpolation would give (exactly), without its cost on full-size masks
-    return F.interpolate(masks[:, None].float(), size=output_size, mode="bilinear", align_corners=False)[:, 0]
+def resize_soft_masks(masks, size):
+    """(n, h, w) soft masks -> (n, *size), bilinear (align_corners=False); ``masks`` themselves when ``size`` is
+    None or already theirs: what the interpolation would give (exactly), without its cost on full-size masks."""
+    if size is None or (not torch.jit.is_tracing() and tuple(masks.shape[-2:]) == tuple(size)):
+        return masks
+    return F.interpolate(masks[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def postprocess_per_image(results, batched_inputs, image_sizes, postprocess):

@@ -10,7 +10,7 @@ from detectron2.layers import ShapeSpec
 
 from d2ext.config_checks import check_in_features, check_norm
 from d2ext.layers import (ReferenceCheckpointMixin, aligned_bilinear, conv_norm_relu, conv_norm_relu_reference_key,
-                          semantic_targets)
+                          focal_loss_targets, semantic_targets)
 
 
 class MaskBranch(ReferenceCheckpointMixin, nn.Module):
@@ -90,8 +90,8 @@ class MaskBranch(ReferenceCheckpointMixin, nn.Module):
         losses = {}
         if self.training and self.semantic_loss_on:
             logits = self.seg_logits(self.seg_head(features[self.in_features[0]]))
-            targets = semantic_targets(gt_instances, self.num_classes, self.out_stride)[:, None]
-            one_hot = (targets == torch.arange(self.num_classes, device=logits.device)[None, :, None, None]).float()
+            targets = semantic_targets(gt_instances, self.num_classes, self.out_stride)  # (N, H, W)
+            one_hot = focal_loss_targets(targets, self.num_classes).permute(0, 3, 1, 2).to(logits.dtype)
             num_pos = one_hot.sum().clamp(min=1.0)
             losses["loss_sem"] = sigmoid_focal_loss(
                 logits, one_hot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum") / num_pos

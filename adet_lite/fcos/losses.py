@@ -4,6 +4,8 @@ import torch.nn.functional as F
 from fvcore.nn import giou_loss, sigmoid_focal_loss
 from detectron2.utils import comm
 
+from d2ext.layers import focal_loss_targets
+
 from .targets import centerness_targets
 
 LOC_LOSS_TYPES = ("giou", "iou", "linear_iou")
@@ -69,8 +71,7 @@ def fcos_losses(logits, box_reg, quality, labels, reg_targets, *, cls_normalizer
     """
     num_classes = logits.shape[1]
     pos_inds = torch.nonzero(labels != num_classes).squeeze(1)
-    class_targets = torch.zeros_like(logits)
-    class_targets[pos_inds, labels[pos_inds]] = 1.0
+    class_targets = focal_loss_targets(labels, num_classes).to(logits.dtype)
     loss_cls = cls_weight * sigmoid_focal_loss(
         logits, class_targets, alpha=focal_alpha, gamma=focal_gamma, reduction="sum") / cls_normalizer
 

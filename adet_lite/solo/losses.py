@@ -1,9 +1,8 @@
 """SOLO's losses: Dice on the masks of positive cells, sigmoid focal loss on the category grid."""
 import torch
-import torch.nn.functional as F
 from fvcore.nn import sigmoid_focal_loss
 
-from d2ext.layers import dice_loss
+from d2ext.layers import dice_loss, focal_loss_targets
 
 # The reference adds 1e-3 to each of the two sums of squares in the Dice denominator.
 _DICE_EPS = 2e-3
@@ -39,7 +38,6 @@ def solo_category_loss(category_logits, category_labels, alpha, gamma, weight):
     logits = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, num_classes) for x in category_logits])
     labels = torch.cat([y.reshape(-1) for y in category_labels])
     num_positive_cells = (labels != num_classes).sum()
-    # One extra "background" column, dropped: background cells get all-zero targets.
-    targets = F.one_hot(labels, num_classes + 1)[:, :num_classes].to(logits.dtype)
+    targets = focal_loss_targets(labels, num_classes).to(logits.dtype)
     loss = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
     return weight * loss / (num_positive_cells + 1)

@@ -6,7 +6,7 @@ from .fpn import LastLevelP6, fpn_top_block
 from .gt_checks import check_gt_classes
 from .gt_masks import ensure_gt_masks, mask_centroids, padded_bitmasks, semantic_targets
 from .images import PixelNormalizationMixin, check_image_sizes, check_input_images
-from .losses import dice_loss
+from .losses import dice_loss, focal_loss_targets
 from .mmdet_names import mmdet_resnet_fpn_key
 from .postprocess import (capped_count, mask_bounding_boxes, postprocess_full_image_masks, postprocess_per_image,
                           resize_soft_masks, stable_argsort)
@@ -29,6 +29,7 @@ __all__ = [
     "coordinate_features",
     "dice_loss",
     "ensure_gt_masks",
+    "focal_loss_targets",
     "fpn_top_block",
     "is_conv3x3",
     "keys_reference_checkpoints_lack",

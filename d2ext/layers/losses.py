@@ -1,3 +1,6 @@
+import torch.nn.functional as F
+
+
 def dice_loss(inputs, targets, eps=1e-5, squared_denominator=True):
     """Dice loss per instance (V-Net form, as used by SOLO, CondInst and BlendMask's references).
 
@@ -18,3 +21,9 @@ def dice_loss(inputs, targets, eps=1e-5, squared_denominator=True):
     else:
         denominator = inputs.sum(dim=1) + targets.sum(dim=1)
     return 1.0 - 2.0 * intersection / (denominator + eps)
+
+
+def focal_loss_targets(labels, num_classes):
+    """Targets of a sigmoid focal loss over ``num_classes`` classes from integer labels in [0, num_classes],
+    ``num_classes`` meaning background: (...) int64 -> (..., num_classes) 0/1 int64, all zeros for background."""
+    return F.one_hot(labels, num_classes + 1)[..., :num_classes]

@@ -125,9 +125,15 @@ def fast_rcnn_inference_soft(
     return [r[0] for r in results], [r[1] for r in results]
 
 
-def soft_postprocess_available() -> bool:
-    """False while tracing / scripting: the greedy Soft-NMS loop does not export."""
-    return not (torch.jit.is_scripting() or torch.jit.is_tracing())
+def applies_soft_postprocess(settings: PostprocessSettings) -> bool:
+    """Whether ``settings`` replace hard NMS now: not while tracing / scripting, where the greedy Soft-NMS
+    loop does not export (hard NMS then, with a warning)."""
+    if not settings.changes_nms:
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        logger.warning("Soft-NMS / box voting do not export: tracing with hard NMS instead.")
+        return False
+    return True
 
 
 class SoftNMSFastRCNNOutputLayers(FastRCNNOutputLayers):
@@ -145,10 +151,7 @@ class SoftNMSFastRCNNOutputLayers(FastRCNNOutputLayers):
         return {**super().from_config(cfg, input_shape), "postprocess": PostprocessSettings.from_config(cfg)}
 
     def inference(self, predictions, proposals: List[Instances]):
-        if not self.postprocess.changes_nms:
-            return super().inference(predictions, proposals)
-        if not soft_postprocess_available():
-            logger.warning("Soft-NMS / box voting do not export: tracing with hard NMS instead.")
+        if not applies_soft_postprocess(self.postprocess):
             return super().inference(predictions, proposals)
         return fast_rcnn_inference_soft(
             self.predict_boxes(predictions, proposals), self.predict_probs(predictions, proposals),

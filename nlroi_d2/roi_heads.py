@@ -11,8 +11,8 @@ from detectron2.structures import Boxes, Instances
 from d2ext.layers import check_image_sizes
 
 from .head_mixin import NLRoIHeadMixin
-from .inference import PostprocessSettings, SoftNMSFastRCNNOutputLayers, fast_rcnn_inference_soft, \
-    soft_postprocess_available
+from .inference import (PostprocessSettings, SoftNMSFastRCNNOutputLayers, applies_soft_postprocess,
+                        fast_rcnn_inference_soft)
 
 
 def run_box_head(box_head, box_features: torch.Tensor, proposals: List[Instances]) -> torch.Tensor:
@@ -83,7 +83,7 @@ class NLRoICascadeROIHeads(RejectsEmptyImagesMixin, CascadeROIHeads):
         return self.box_predictor[stage](run_box_head(self.box_head[stage], box_features, proposals))
 
     def _forward_box(self, features, proposals, targets=None):
-        if self.training or not self.postprocess.changes_nms or not soft_postprocess_available():
+        if self.training or not applies_soft_postprocess(self.postprocess):
             return super()._forward_box(features, proposals, targets)
         features = [features[f] for f in self.box_in_features]
         image_sizes = [p.image_size for p in proposals]

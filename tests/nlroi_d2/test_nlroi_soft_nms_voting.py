@@ -6,6 +6,7 @@ import torch
 
 from d2ext.testing import box_iou_reference
 from nlroi_d2 import batched_soft_nms, box_voting, soft_nms
+from nlroi_d2.inference import PostprocessSettings, applies_soft_postprocess
 
 
 def reference_soft_nms(boxes, scores, method, sigma, nt, floor):
@@ -174,3 +175,13 @@ def test_box_voting_many_classes_matches_per_class_loop(method):
     # The case needs cross-class overlaps that must not vote.
     class_blind, _ = box_voting(kept_boxes, kept_scores, boxes, scores, 0.4, method, 2.0)
     assert (class_blind - voted).abs().max() > 1e-3
+
+
+def test_soft_postprocess_falls_back_to_hard_nms_while_tracing(monkeypatch, caplog):
+    """Both NL-RoI ROI heads ask ``applies_soft_postprocess``: the greedy Soft-NMS loop does not export."""
+    soft = PostprocessSettings(soft_nms=True)
+    assert applies_soft_postprocess(soft) and not applies_soft_postprocess(PostprocessSettings())
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+    with caplog.at_level("WARNING", logger="nlroi_d2.inference"):
+        assert not applies_soft_postprocess(soft)
+    assert "tracing with hard NMS instead" in caplog.text

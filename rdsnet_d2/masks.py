@@ -192,10 +192,16 @@ class RDSNetMasks:
             logits = logits + box_coordinate_logits(object_reps[..., self.rep_dim:], boxes, *logits.shape[-2:])
         return logits
 
-    def _gt_masks_at_mask_stride(self, gt, padded_size, mask_size):
-        """(G, h, w) bool at the mask stride and the GT pixel areas (G,) at input resolution."""
-        padded = padded_bitmasks(ensure_gt_masks(gt, "RDSNet").gt_masks, padded_size, gt.gt_boxes.device).float()
-        small = F.interpolate(padded[None], size=mask_size, mode="bilinear", align_corners=False)[0] > 0.5
+    def _gt_masks_at_mask_stride(self, gt, padded_size, mask_size, chunk_size=16):
+        """(G, h, w) bool at the mask stride and the GT pixel areas (G,) at input resolution. The float copies
+        that the resizing needs are made ``chunk_size`` masks at a time (a crowded image's full-size masks in
+        float would take hundreds of MB)."""
+        padded = padded_bitmasks(ensure_gt_masks(gt, "RDSNet").gt_masks, padded_size, gt.gt_boxes.device)
+        small = torch.zeros((padded.shape[0], *mask_size), dtype=torch.bool, device=padded.device)
+        for start in range(0, padded.shape[0], chunk_size):
+            chunk = padded[start:start + chunk_size].float()
+            small[start:start + chunk_size] = F.interpolate(chunk[None], size=mask_size, mode="bilinear",
+                                                            align_corners=False)[0] > 0.5
         return small, padded.flatten(1).sum(dim=1)
 
     # ------------------------------------------------------------------ inference

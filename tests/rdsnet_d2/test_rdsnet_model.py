@@ -8,10 +8,11 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.structures import Boxes, Instances
+from detectron2.structures.masks import polygons_to_bitmask
 
 from d2ext.testing import (
-    REFERENCE_DIR, assert_masks_inside_expanded_boxes, build_tiny_model, checkpoint_round_trip, config_path, dataset_batch,
-    overfit, tiny_cfg, train_step,
+    REFERENCE_DIR, assert_masks_inside_expanded_boxes, bilinear_resize_reference, build_tiny_model, checkpoint_round_trip,
+    config_path, dataset_batch, overfit, tiny_cfg, train_step,
 )
 from rdsnet_d2.checkpoint import official_to_detectron2_name, reorder_anchors
 
@@ -76,6 +77,21 @@ def test_box_coordinate_terms_train_and_predict(cfg):
     with torch.no_grad():
         inst = model(inputs)[0]["instances"]
     assert 15 <= len(inst) <= 20 and inst.pred_masks.shape[1:] == (inputs[0]["height"], inputs[0]["width"])
+
+
+def test_gt_masks_at_mask_stride_match_a_per_mask_loop(cfg):
+    """The training targets' GT masks, resized a few at a time: each as its own bilinear resize > 0.5."""
+    model = build_tiny_model(cfg)
+    gt = dataset_batch(cfg, indices=(6,))[0]["instances"]  # 6 instances in 91 x 128
+    padded_size, mask_size = (96, 128), (24, 32)
+    small, areas = model._gt_masks_at_mask_stride(gt, padded_size, mask_size, chunk_size=2)
+    assert len(gt) > 2 and small.shape == (len(gt), *mask_size) and small.dtype == torch.bool
+    for g, polygons in enumerate(gt.gt_masks.polygons):
+        full = torch.zeros(padded_size)
+        full[: gt.image_size[0], : gt.image_size[1]] = torch.from_numpy(
+            polygons_to_bitmask(polygons, *gt.image_size)).float()
+        assert torch.equal(small[g], bilinear_resize_reference(full, mask_size) > 0.5), g
+        assert areas[g] == full.sum()
 
 
 def test_chunked_masks_equal_one_chunk(cfg):

@@ -36,6 +36,7 @@ MODELS = [
     ("rdsnet_stride2_p2p6", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2_p2p6.yaml"),
     ("rdsnet_fcos", "configs/quickstart/rdsnet_fcos_R18_synthetic.yaml"),
     ("rdsnet_fcos_stride2_p2p6", "configs/quickstart/rdsnet_fcos_R18_synthetic_stride2_p2p6.yaml"),
+    ("rdsnet_fcos_stride2_p2p6_boxterms", "configs/quickstart/rdsnet_fcos_R18_synthetic_stride2_p2p6_boxterms.yaml"),
 ]
 
 if __name__ == "__main__":

@@ -88,4 +88,5 @@ class DecoupledSOLOMaskBranch(nn.Module):
         num_grid = self.num_grids[level]
         logits_x, logits_y = outputs[level]
         rows, cols = cells // num_grid, cells % num_grid
-        return resize_soft_masks(logits_x[image, cols].sigmoid(), size) * resize_soft_masks(logits_y[image, rows].sigmoid(), size)
+        return (resize_soft_masks(logits_x[image, cols].sigmoid(), size)
+                * resize_soft_masks(logits_y[image, rows].sigmoid(), size))

@@ -11,8 +11,8 @@ from detectron2.structures import Boxes, Instances
 from detectron2.structures.masks import polygons_to_bitmask
 
 from d2ext.testing import (
-    REFERENCE_DIR, assert_masks_inside_expanded_boxes, bilinear_resize_reference, build_tiny_model, checkpoint_round_trip,
-    config_path, dataset_batch, overfit, tiny_cfg, train_step,
+    REFERENCE_DIR, assert_masks_inside_expanded_boxes, bilinear_resize_reference, build_tiny_model,
+    checkpoint_round_trip, config_path, dataset_batch, overfit, tiny_cfg, train_step,
 )
 from rdsnet_d2.checkpoint import official_to_detectron2_name, reorder_anchors
 

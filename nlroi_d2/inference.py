@@ -95,19 +95,27 @@ def fast_rcnn_inference_single_image_soft(
         keep = batched_nms(candidate_boxes, candidate_scores, classes, nms_thresh)
         kept_scores = candidate_scores[keep]
     kept_boxes = candidate_boxes[keep]
-    if settings.box_vote:
-        kept_boxes, kept_scores = box_voting(
-            kept_boxes, kept_scores, candidate_boxes, candidate_scores, settings.box_vote_iou_threshold,
-            settings.box_vote_scoring_method, settings.box_vote_beta, classes[keep], classes,
-        )
+
+    def vote(kept_boxes, kept_scores, kept_classes):
+        return box_voting(kept_boxes, kept_scores, candidate_boxes, candidate_scores, settings.box_vote_iou_threshold,
+                          settings.box_vote_scoring_method, settings.box_vote_beta, kept_classes, classes)
+
+    # A kept box's vote reads the candidates, not the other kept boxes, and ID scoring leaves the scores as
+    # they are: then the top-k are known before voting, and only they are voted (the same result as
+    # Detectron1's vote-then-cut, without voting every box that linear Soft-NMS keeps at a low threshold).
+    vote_after_cut = settings.box_vote and settings.box_vote_scoring_method == "ID"
+    if settings.box_vote and not vote_after_cut:
+        kept_boxes, kept_scores = vote(kept_boxes, kept_scores, classes[keep])
     order = torch.argsort(kept_scores, descending=True, stable=True)
     if topk_per_image >= 0:
         order = order[:topk_per_image]
-    keep = keep[order]
+    keep, kept_boxes, kept_scores = keep[order], kept_boxes[order], kept_scores[order]
+    if vote_after_cut:
+        kept_boxes, kept_scores = vote(kept_boxes, kept_scores, classes[keep])
 
     result = Instances(image_shape)
-    result.pred_boxes = Boxes(kept_boxes[order])
-    result.scores = kept_scores[order]
+    result.pred_boxes = Boxes(kept_boxes)
+    result.scores = kept_scores
     result.pred_classes = classes[keep]
     return result, proposal_index[keep]
 

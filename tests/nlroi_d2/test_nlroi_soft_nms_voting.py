@@ -6,7 +6,7 @@ import torch
 
 from d2ext.testing import box_iou_reference
 from nlroi_d2 import batched_soft_nms, box_voting, soft_nms
-from nlroi_d2.inference import PostprocessSettings, applies_soft_postprocess
+from nlroi_d2.inference import PostprocessSettings, applies_soft_postprocess, fast_rcnn_inference_single_image_soft
 
 
 def reference_soft_nms(boxes, scores, method, sigma, nt, floor):
@@ -185,3 +185,37 @@ def test_soft_postprocess_falls_back_to_hard_nms_while_tracing(monkeypatch, capl
     with caplog.at_level("WARNING", logger="nlroi_d2.inference"):
         assert not applies_soft_postprocess(soft)
     assert "tracing with hard NMS instead" in caplog.text
+
+
+@pytest.mark.parametrize("scoring", ["ID", "AVG"])
+def test_per_image_postprocess_matches_detectron1_order(scoring):
+    """Threshold -> per-class Soft-NMS -> box voting of every kept box -> top k, one class at a time in
+    loops; the model votes only the top k with ID scoring, which must not change the result."""
+    num_proposals, num_classes, topk, thresh = 60, 3, 10, 0.05
+    g = torch.Generator().manual_seed(2)
+    objects, _ = random_boxes(num_proposals // 4, 5, size=80.0)
+    boxes = objects.repeat_interleave(4, dim=0) + torch.randn(num_proposals, 4, generator=g)  # 4 proposals each
+    per_class = (boxes[:, None, :] + torch.randn(num_proposals, num_classes, 4, generator=g)).clamp(0, 99)
+    per_class[..., 2:] = torch.maximum(per_class[..., 2:], per_class[..., :2] + 1)
+    probs = torch.softmax(torch.randn(num_proposals, num_classes + 1, generator=g) * 2, dim=1)
+    settings = PostprocessSettings(soft_nms=True, soft_nms_method="linear", box_vote=True,
+                                   box_vote_iou_threshold=0.5, box_vote_scoring_method=scoring)
+    result, proposals = fast_rcnn_inference_single_image_soft(
+        per_class.reshape(num_proposals, -1), probs, (100, 100), thresh, 0.3, topk, settings)
+
+    expected = []  # (score, class, proposal, box)
+    for c in range(num_classes):
+        members = [r for r in range(num_proposals) if probs[r, c] > thresh]
+        class_boxes, class_scores = per_class[members, c].tolist(), probs[members, c].tolist()
+        kept, kept_scores = reference_soft_nms(class_boxes, class_scores, "linear", 0.5, 0.3, 1e-4)
+        voted, voted_scores = reference_box_voting([class_boxes[k] for k in kept], kept_scores, class_boxes,
+                                                   class_scores, 0.5, scoring, 1.0)
+        expected += [(s, c, members[k], b) for k, b, s in zip(kept, voted, voted_scores)]
+    expected = sorted(expected, key=lambda e: -e[0])[:topk]
+    assert len(expected) == topk and len(result) == topk
+    torch.testing.assert_close(result.scores, torch.tensor([e[0] for e in expected]), rtol=1e-5, atol=1e-6)
+    assert result.pred_classes.tolist() == [e[1] for e in expected]
+    assert proposals.tolist() == [e[2] for e in expected]
+    voted = result.pred_boxes.tensor
+    torch.testing.assert_close(voted, torch.tensor([e[3] for e in expected]), rtol=1e-5, atol=1e-4)
+    assert (voted - per_class[proposals, result.pred_classes]).abs().max() > 1e-2  # the votes moved boxes

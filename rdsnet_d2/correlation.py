@@ -34,6 +34,8 @@ def correlate(pixel_reps, object_reps, image_indices):
     # whole batch without materialising a copy of the pixel map per instance.
     # Instances per image (a bincount, which ONNX lacks).
     counts = (image_indices[:, None] == torch.arange(num_images, device=image_indices.device)).sum(dim=0)
+    if not torch.jit.is_tracing() and int(counts.sum()) != num:  # an index outside the batch was not counted
+        raise ValueError(f"correlate: image_indices must lie in [0, {num_images}), the images of pixel_reps")
     order = stable_argsort(image_indices)
     sorted_images = image_indices[order]
     starts = torch.cumsum(counts, 0) - counts

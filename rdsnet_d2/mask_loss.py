@@ -22,6 +22,8 @@ def ohem_mask_loss(logits, targets, neg_pos_ratio=1.0):
     num = logits.shape[0]
     if num == 0:
         return logits.sum() * 0.0
+    if bool(((targets < IGNORE) | (targets > 1)).any()):
+        raise ValueError(f"ohem_mask_loss: targets must be 1 (foreground), 0 (background) or {IGNORE} (ignored)")
     pixel_loss = F.cross_entropy(logits, targets.clamp(min=0), reduction="none").flatten(1)  # (N, HW)
     targets = targets.flatten(1)
     positive = targets == 1

@@ -55,6 +55,9 @@ def test_correlation_gradients_and_empty():
     assert correlate(pixel_reps, object_reps[:0], torch.zeros(0, dtype=torch.long)).shape == (0, 2, 3, 3)
     with pytest.raises(ValueError, match="object_reps"):
         correlate(pixel_reps, torch.randn(3, 4), torch.tensor([0, 0, 0]))
+    for bad in ([0, 2, 1], [0, -1, 1]):  # an image the batch does not have
+        with pytest.raises(ValueError, match=r"image_indices must lie in \[0, 2\)"):
+            correlate(pixel_reps, object_reps, torch.tensor(bad))
 
 
 def _reference_crop(box, expand, height, width):
@@ -130,6 +133,11 @@ def test_ohem_empty_and_bad_shapes():
     assert loss.item() == 0.0
     with pytest.raises(ValueError, match="ohem_mask_loss"):
         ohem_mask_loss(torch.zeros(2, 2, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
+    for bad in (255, -2):  # e.g. a segmentation "ignore" label
+        targets = torch.zeros(2, 4, 4, dtype=torch.long)
+        targets[1, 2, 3] = bad
+        with pytest.raises(ValueError, match="targets must be 1 .*, 0 .* or -1"):
+            ohem_mask_loss(torch.zeros(2, 2, 4, 4), targets)
 
 
 def test_object_representations_at_anchors_equal_the_dense_map():

@@ -49,7 +49,8 @@ def convert(config_file, input_path, output_path, opts=(), allow_missing=False):
     with tempfile.TemporaryDirectory() as directory:
         DetectionCheckpointer(model).load(unwrap_mmdet_checkpoint(input_path, directory))
     hook.remove()
-    missing = [key for key in missing if key not in keys_reference_checkpoints_lack(model)]
+    lacking_in_releases = keys_reference_checkpoints_lack(model)
+    missing = [key for key in missing if key not in lacking_in_releases]
     if missing and not allow_missing:
         raise ValueError(f"{input_path} does not hold {len(missing)} of the parameters and buffers of the model of "
                          f"{config_file}: {missing}. Is it the checkpoint of that model? --allow-missing converts "

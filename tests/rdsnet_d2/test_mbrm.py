@@ -228,10 +228,13 @@ def test_loss_matches_reference():
     mixed = mbrm.loss(wide_x, wide_y, wide_boxes, wide_boxes)
     mixed.backward()
     assert torch.isfinite(mixed) and torch.isfinite(mbrm.weight.grad).all() and mbrm.weight.grad.abs().sum() > 0
-    # Left out: the wide box's x1 and x2, so the mean is over its y sides (2) and the other box's sides (4).
-    wide_alone = mbrm.loss(wide_x[:1], wide_y[:1], wide_boxes[:1], wide_boxes[:1])
-    other_alone = mbrm.loss(wide_x[1:], wide_y[1:], wide_boxes[1:], wide_boxes[1:])
-    assert mixed.item() == pytest.approx((2 * wide_alone.item() + 4 * other_alone.item()) / 6, rel=1e-5)
+    # Left out: the wide box's x1 and x2 (the reference's prior is 0 at every position), so the mean is over
+    # its y sides (2) and the other box's sides (4), each from the loop reference.
+    assert max(_prior(e, 20.0, 2040.0) for e in range(2101)) == 0.0
+    wxp, wyp = wide_x[0].tolist(), wide_y[0].tolist()  # both masks are the same
+    expected = (2 * (side_nll(wyp, 50.0, 200.0, 50, True) + side_nll(wyp, 250.0, 200.0, 250, False))
+                + side_nll(wxp, 100.0, 800.0, 100, True) + side_nll(wxp, 900.0, 800.0, 900, False)) / 6
+    assert mixed.item() == pytest.approx(expected, rel=1e-4)
     # Nothing to train on: zero, with a gradient path.
     empty = mbrm.loss(torch.zeros(0, 32), torch.zeros(0, 24), torch.zeros(0, 4), torch.zeros(0, 4))
     assert empty.item() == 0.0 and empty.requires_grad

@@ -42,8 +42,10 @@ class SyntheticShapesSpec:
     min_visible_area: int = 30  # pixels; smaller visible parts are not annotated (and not drawn)
 
     def key(self):
-        return (f"v{GENERATOR_VERSION}_seed{self.seed}_n{self.num_images}_"
-                f"{self.min_side}-{self.max_side}_k{self.max_instances}_r{self.min_radius:g}_h{self.max_hidden:g}")
+        """Name of the split's cache folder: the generator version and every field, so that specs that
+        differ never share (and silently reuse) a cache."""
+        return (f"v{GENERATOR_VERSION}_seed{self.seed}_n{self.num_images}_{self.min_side}-{self.max_side}_"
+                f"k{self.max_instances}_r{self.min_radius:g}_h{self.max_hidden:g}_a{self.min_visible_area}")
 
 
 def _shape_mask(class_name, center, radius, angle, rng, height, width):

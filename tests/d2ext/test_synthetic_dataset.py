@@ -1,4 +1,5 @@
 """The built-in synthetic dataset: deterministic, valid, and as varied as the methods need."""
+import dataclasses
 import itertools
 import json
 import os
@@ -42,6 +43,12 @@ def test_generation_is_deterministic(tmp_path):
     for name in ("annotations.json", "images/00000.png", "images/00023.png"):
         with open(os.path.join(dir_a, name), "rb") as fa, open(os.path.join(dir_b, name), "rb") as fb:
             assert fa.read() == fb.read(), name
+
+
+def test_specs_that_differ_in_any_field_have_different_cache_keys():
+    for field in dataclasses.fields(SPEC):
+        changed = dataclasses.replace(SPEC, **{field.name: getattr(SPEC, field.name) + 1})
+        assert changed.key() != SPEC.key(), f"{field.name} is missing from the cache key"
 
 
 def test_regenerating_a_split_replaces_images_whole(tmp_path, monkeypatch):

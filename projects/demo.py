@@ -6,14 +6,14 @@
     python projects/demo.py --config-file CFG --dataset synthetic_shapes_val --max-images 8 --output out/
 
 Any image Pillow reads is accepted: grey ones are replicated to 3 channels, RGBA loses its alpha and 16-bit
-grey (PNG, TIFF) is scaled to 8 bits. An unreadable file stops the demo with an error that names it.
+grey (PNG, TIFF) is scaled to 8 bits. An unreadable file stops the demo with an error that names it. The
+overlay of ``x.*`` is ``OUTPUT/x.png``; two inputs with one name stem are an error before anything runs.
 """
 import argparse
 import glob
 import os
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 
@@ -44,6 +44,28 @@ def expand_inputs(inputs):
     return paths
 
 
+def output_names(paths):
+    """The overlay file name of each input: its name with ``.png``. Inputs that would write one file are an error."""
+    names = [os.path.splitext(os.path.basename(path))[0] + ".png" for path in paths]
+    first_input = {}
+    for path, name in zip(paths, names):
+        if name in first_input:
+            raise ValueError(f"--input {first_input[name]!r} and {path!r} would both be written to {name!r}: "
+                             "run the demo on them with different --output folders")
+        first_input[name] = path
+    return names
+
+
+def predict_file(predictor, path):
+    """Run ``predictor`` (a ``DefaultPredictor``) on one image file -> (its ``Instances``, the image as RGB).
+
+    ``DefaultPredictor`` takes BGR (OpenCV's order) and converts to ``INPUT.FORMAT`` itself, so the file is
+    read as BGR whatever the config's format.
+    """
+    image = read_image(path, "BGR")  # grey, RGBA, 16-bit: 8-bit 3 channels
+    return predictor(image)["instances"], image[:, :, ::-1]
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config-file", required=True, metavar="FILE")
@@ -67,15 +89,14 @@ def main(args):
         paths = expand_inputs(args.input)
         metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     paths = paths[: args.max_images]
+    names = output_names(paths)
     predictor = DefaultPredictor(cfg)
     os.makedirs(args.output, exist_ok=True)
     written = []
-    for path in paths:
-        image = read_image(path, cfg.INPUT.FORMAT)  # grey, RGBA, 16-bit: 8-bit 3 channels
-        instances = predictor(image)["instances"]
-        rgb = convert_image_to_rgb(image, cfg.INPUT.FORMAT)
+    for path, name in zip(paths, names):
+        instances, rgb = predict_file(predictor, path)
         overlay = draw_instance_predictions(rgb, instances, metadata, args.confidence_threshold)
-        out = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        out = os.path.join(args.output, name)
         save_rgb(out, overlay)
         written.append(out)
         drawn = int((instances.scores >= args.confidence_threshold).sum())

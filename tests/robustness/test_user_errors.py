@@ -6,6 +6,7 @@ is reported by name, and a checkpoint that loads nothing is an error. Models are
 (``configs/quickstart/``) of the 8 methods, at their default sizes (building one takes ~0.1 s)."""
 import contextlib
 import copy
+import importlib.util
 import logging
 import os
 import re
@@ -19,7 +20,9 @@ import torch
 import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor
 from detectron2.modeling import GeneralizedRCNN
+from detectron2.structures import Instances
 from PIL import Image
 
 from d2ext.data.image_io import read_image
@@ -65,12 +68,12 @@ RGB = np.stack([GREY, 255 - GREY, GREY // 2], axis=-1)
 SIXTEEN = (np.arange(24 * 32).reshape(24, 32) * 85).astype(np.uint16)  # 0 .. 65195: the full 16-bit range
 SIXTEEN_AS_EIGHT = np.round(SIXTEEN * (255 / 65535)).astype(np.uint8)
 
-# file name: (writer, expected RGB array)
+# file name (the stems differ: the demo writes the overlay of x.* to x.png): (writer, expected RGB array)
 IMAGE_FILES = {
     "grey.png": (lambda p: _write_png(p, GREY), np.stack([GREY] * 3, axis=-1)),
     "rgba.png": (lambda p: _write_png(p, np.dstack([RGB, 255 - GREY])), RGB),  # alpha dropped, not blended
     "grey16.png": (lambda p: _write_png(p, SIXTEEN), np.stack([SIXTEEN_AS_EIGHT] * 3, axis=-1)),
-    "grey16.tif": (lambda p: tifffile.imwrite(p, SIXTEEN), np.stack([SIXTEEN_AS_EIGHT] * 3, axis=-1)),
+    "grey16_tiff.tif": (lambda p: tifffile.imwrite(p, SIXTEEN), np.stack([SIXTEEN_AS_EIGHT] * 3, axis=-1)),
     "rgb16.tif": (lambda p: tifffile.imwrite(p, np.stack([SIXTEEN, 65535 - SIXTEEN, SIXTEEN // 2], axis=-1)),
                   np.stack([SIXTEEN_AS_EIGHT, 255 - SIXTEEN_AS_EIGHT, np.round(SIXTEEN // 2 * (255 / 65535))],
                            axis=-1).astype(np.uint8)),
@@ -157,6 +160,43 @@ def test_demo_writes_overlays_of_unusual_images_and_names_an_unreadable_one(tmp_
         assert overlay.dtype == np.uint8 and overlay.shape == expected_rgb.shape, file_name
         assert np.abs(overlay.astype(int) - expected_rgb).max() <= _tolerance(file_name), file_name
     assert not (output / "truncated.png").exists()
+
+
+def _load_demo():
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO_ROOT, "projects", "demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+class RecordingModel(torch.nn.Module):
+    """Stands in for a model behind ``DefaultPredictor``: keeps the image tensor it is given."""
+
+    def forward(self, inputs):
+        self.image = inputs[0]["image"]
+        return [{"instances": Instances((inputs[0]["height"], inputs[0]["width"]))}]
+
+
+@pytest.mark.parametrize("input_format", ["BGR", "RGB"])
+def test_demo_gives_the_model_its_input_format(input_format, tmp_path):
+    path = str(tmp_path / "red.png")
+    Image.fromarray(np.full((8, 8, 3), (255, 0, 0), np.uint8)).save(path)
+    cfg = tiny_cfg(config_path("quickstart/" + MODELS[DEMO_MODEL][0]), ["INPUT.FORMAT", input_format])
+    predictor = DefaultPredictor(cfg)
+    predictor.model = RecordingModel()
+    demo = _load_demo()
+    _, rgb = demo.predict_file(predictor, path)
+    red_channel = 0 if input_format == "RGB" else 2
+    pixel = predictor.model.image[:, 0, 0].tolist()
+    assert pixel[red_channel] == 255 and sum(pixel) == 255, pixel
+    assert rgb[0, 0].tolist() == [255, 0, 0]
+
+
+def test_demo_inputs_with_one_output_name_are_an_error():
+    demo = _load_demo()
+    assert demo.output_names(["a/x.png", "b/y.jpg"]) == ["x.png", "y.png"]
+    with pytest.raises(ValueError, match=re.escape("'a/x.png' and 'b/x.jpg' would both be written to 'x.png'")):
+        demo.output_names(["a/x.png", "b/x.jpg"])
 
 
 # ---------------------------------------------------------------------------------------- config keys

@@ -37,5 +37,7 @@ def main(args):
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
+    # The config's device decides NCCL (CUDA) or gloo (CPU) processes.
+    device = setup_cfg(args.config_file, args.opts).MODEL.DEVICE
     launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+           dist_url=args.dist_url, args=(args,), device=device)

@@ -1,8 +1,9 @@
 """Detectron2's ``launch``, extended to multi-process training on CPU (gloo).
 
-Detectron2 v0.6's ``launch`` asserts CUDA and uses NCCL. With CUDA present we call it unchanged (NCCL,
-one or many machines); without CUDA we spawn the processes ourselves with the gloo backend and set up
-Detectron2's per-machine process group the same way, so ``comm``, the samplers and DDP behave as on GPUs.
+Detectron2 v0.6's ``launch`` asserts CUDA and uses NCCL. For CUDA models we call it unchanged (NCCL,
+one or many machines); for CPU models (``MODEL.DEVICE cpu``, or no CUDA) we spawn the processes ourselves
+with the gloo backend and set up Detectron2's per-machine process group the same way, so ``comm``, the
+samplers and DDP behave as on GPUs.
 """
 import logging
 import socket
@@ -25,17 +26,22 @@ def _free_port():
 
 
 def launch(main_func, num_processes_per_machine, num_machines=1, machine_rank=0, dist_url=None,
-           args=(), timeout=DEFAULT_TIMEOUT):
-    """Same contract as ``detectron2.engine.launch``; ``num_processes_per_machine`` is --num-gpus."""
+           args=(), timeout=DEFAULT_TIMEOUT, device=None):
+    """Same contract as ``detectron2.engine.launch``; ``num_processes_per_machine`` is --num-gpus.
+
+    ``device`` is the model's (``cfg.MODEL.DEVICE``): a CPU model trains in gloo processes even where CUDA is
+    available (NCCL would reject its tensors). None: CUDA where available.
+    """
     world_size = num_machines * num_processes_per_machine
-    if world_size == 1 or torch.cuda.is_available():
+    on_cuda = torch.cuda.is_available() and (device is None or str(device).startswith("cuda"))
+    if world_size == 1 or on_cuda:
         return d2_launch(main_func, num_processes_per_machine, num_machines=num_machines,
                          machine_rank=machine_rank, dist_url=dist_url, args=args, timeout=timeout)
     if dist_url is None or dist_url == "auto":
         if num_machines != 1:
             raise ValueError("--dist-url must be given (tcp://host:port) for multi-machine jobs")
         dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    logger.info("No CUDA: launching %d CPU processes with the gloo backend", world_size)
+    logger.info("Launching %d CPU processes with the gloo backend", world_size)
     mp.spawn(_cpu_worker, nprocs=num_processes_per_machine, daemon=False,
              args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args, timeout))
 

@@ -216,7 +216,7 @@ class GeneralizedRCNNWithMBRM(GeneralizedRCNN):
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """GeneralizedRCNN's, after checking that every image has channels and pixels (GeneralizedRCNN
         would pass an empty image on and fail rescaling its detections)."""
-        check_input_images(batched_inputs)
+        check_input_images(batched_inputs, len(self.pixel_mean))
         return super().preprocess_image(batched_inputs)
 
     def inference(self, batched_inputs: List[Dict[str, torch.Tensor]],

@@ -64,7 +64,7 @@ class RDSNet(RDSNetMasks, RetinaNet):
         return ret
 
     def preprocess_image(self, batched_inputs):
-        check_input_images(batched_inputs)
+        check_input_images(batched_inputs, len(self.pixel_mean))
         return super().preprocess_image(batched_inputs)
 
     def _run_streams(self, batched_inputs):

@@ -2,16 +2,21 @@ import torch
 from detectron2.structures import ImageList
 
 
-def check_input_images(batched_inputs):
+def check_input_images(batched_inputs, num_channels=None):
     """Raise a ValueError naming the input whose ``image`` is not a (C, H, W) tensor with pixels (an empty
-    crop, a greyscale (H, W) array): the normalisation or the backbone's first conv would fail on it with a
-    message about broadcasting or kernel sizes. Not while tracing (export), where shapes are tensors."""
+    crop, a greyscale (H, W) array), or whose C is not ``num_channels`` (the model's ``PIXEL_MEAN`` values,
+    when given): the normalisation or the backbone's first conv would fail on it with a message about
+    broadcasting or kernel sizes, or broadcast one channel to three. Not while tracing (export), where
+    shapes are tensors."""
     if torch.jit.is_tracing():
         return
     for i, x in enumerate(batched_inputs):
         shape = tuple(x["image"].shape)
         if len(shape) != 3 or 0 in shape:
             raise ValueError(f"input {i}: 'image' must be a (C, H, W) tensor with C, H, W > 0, got shape {shape}")
+        if num_channels is not None and shape[0] != num_channels:
+            raise ValueError(f"input {i}: 'image' has {shape[0]} channels, the model normalises {num_channels} "
+                             f"(MODEL.PIXEL_MEAN / PIXEL_STD), got shape {shape}")
 
 
 def check_image_sizes(image_sizes):
@@ -44,7 +49,7 @@ class PixelNormalizationMixin:
     def preprocess_image(self, batched_inputs):
         """Normalise each input's (C, H, W) ``image`` and pad the batch into an ``ImageList`` of
         (B, C, H', W'), H' and W' divisible by the backbone's ``size_divisibility``."""
-        check_input_images(batched_inputs)
+        check_input_images(batched_inputs, len(self.pixel_mean))
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         # Newer Detectron2 backbones may carry padding constraints; v0.6 has only size_divisibility.
         constraints = getattr(self.backbone, "padding_constraints", None)

@@ -250,6 +250,20 @@ def test_an_image_without_pixels_or_channels_is_an_error_naming_the_input(name, 
         train_step(model, train_inputs)
 
 
+@pytest.mark.parametrize("name, channels", [
+    pytest.param(name, channels, id=f"{name}-{channels}") for name in MODELS for channels in (1, 4)
+    if name != "nlroi_mask_rcnn"])  # Detectron2's GeneralizedRCNN: its normalisation, its messages
+def test_an_image_with_other_channels_than_the_pixel_mean_is_an_error(name, channels):
+    cfg = _cfg(name)
+    model = build_tiny_model(cfg)
+    shape = (channels, 40, 40)
+    inputs = _test_inputs(cfg, (0,)) + [{"image": torch.zeros(shape, dtype=torch.uint8), "height": 40, "width": 40}]
+    message = re.escape(f"input 1: 'image' has {channels} channels, the model normalises 3 (MODEL.PIXEL_MEAN / "
+                        f"PIXEL_STD), got shape {shape}")
+    with pytest.raises(ValueError, match=message):
+        _inference(model, inputs)
+
+
 def _cropped(x, height, width):
     return {"image": x["image"][:, :height, :width], "height": height, "width": width}
 

@@ -143,7 +143,8 @@ def model_step(cfg, mode, batch, prepare_model=None):
 
 def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
     """Median seconds and peak memory of one inference (batch of images) or one training step
-    (``prepare_model``: see :func:`model_step`).
+    (``prepare_model``: see :func:`model_step`). The peak is that of the timed steps, from the memory in use
+    once the model is built (:func:`reset_peak_memory`; the process's peak on a CPU where it cannot be reset).
 
     Returns:
         dict of seconds, memory_mb, detections: the instances per image of the last inference (how much
@@ -160,8 +161,8 @@ def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
         if mode == "inference":  # counts only: the outputs are not kept into the next step's peak memory
             detections[:] = [len(out["instances"]) for out in outputs]
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
+    # The peak of the timed steps, not of building the model and the batch (on a CPU too, where possible).
+    reset_peak_memory(device)
     seconds = median_seconds(step_counting_detections, device, warmup, iters)
     memory_mb = peak_memory_mb(device)  # before the FLOP-counting call, which is not part of the measurement
     inference = mode == "inference"

@@ -25,6 +25,21 @@ def test_cpu_peak_memory_resets_to_the_memory_in_use():
     del small
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_measure_reports_the_peak_of_the_timed_steps_on_the_cpu():
+    from d2ext.benchmark import measure, synthetic_batch
+    from d2ext.engine import setup_cfg
+    from d2ext.testing import config_path
+
+    cfg = setup_cfg(config_path("quickstart/mask_rcnn_R18_FPN_synthetic.yaml"), [])
+    batch = synthetic_batch(cfg, 1, 64, 96, dataset="synthetic_shapes_mini_val")
+    big = torch.ones(100 * 2**20)  # 400 MB, written, freed before the measurement
+    peak_with_big = peak_memory_mb("cpu")
+    del big
+    result = measure(cfg, "inference", batch, warmup=0, iters=1)
+    assert result["memory_mb"] < peak_with_big - 250  # the tiny model's steps need far less
+
+
 def test_model_step_prepares_the_built_model_once():
     from d2ext.benchmark import model_step, synthetic_batch
     from d2ext.engine import setup_cfg

@@ -15,18 +15,15 @@ import argparse
 import logging
 import os
 
-import numpy as np
-import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import build_detection_test_loader, detection_utils
-from detectron2.data import transforms as T
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.modeling import build_model
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.logger import setup_logger
 
 from d2ext import export
-from d2ext.engine import setup_cfg
+from d2ext.data.mapper import DatasetMapper
+from d2ext.engine import Trainer, setup_cfg
 from d2ext.evaluation import build_coco_evaluator
 
 logger = logging.getLogger("d2ext.export_model")
@@ -62,11 +59,8 @@ def sample_image(cfg, path):
     if path is None:
         if not cfg.DATASETS.TEST:
             raise SystemExit("give --sample-image or a dataset in DATASETS.TEST to trace on")
-        return next(iter(build_detection_test_loader(cfg, cfg.DATASETS.TEST[0])))[0]["image"]
-    image = detection_utils.read_image(path, format=cfg.INPUT.FORMAT)
-    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-    image = resize.get_transform(image).apply_image(image)
-    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return next(iter(Trainer.build_test_loader(cfg, cfg.DATASETS.TEST[0])))[0]["image"]
+    return DatasetMapper(cfg, is_train=False)({"file_name": path})["image"]
 
 
 def evaluate(cfg, model, exported, outputs_schema, output_dir):
@@ -82,7 +76,7 @@ def evaluate(cfg, model, exported, outputs_schema, output_dir):
 
     dataset = cfg.DATASETS.TEST[0]
     evaluator = build_coco_evaluator(dataset, output_dir=output_dir, distributed=False)
-    metrics = inference_on_dataset(run, build_detection_test_loader(cfg, dataset), evaluator)
+    metrics = inference_on_dataset(run, Trainer.build_test_loader(cfg, dataset), evaluator)
     print_csv_format(metrics)
     return metrics
 

@@ -8,12 +8,15 @@ different, non-zero numbers of detections (asserted), so that sizes and counts m
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from detectron2.utils.testing import assert_instances_allclose
+from PIL import Image
 
 from d2ext import export
 from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batch, tiny_cfg
@@ -154,6 +157,21 @@ def _export_model_script():
 def test_cli_names_unsupported_methods_and_formats(method, export_format, message):
     with pytest.raises(SystemExit, match=message):
         _export_model_script().check_method(method, export_format)
+
+
+def test_cli_sample_image_is_resized_as_at_test_time_and_an_unreadable_one_is_named(tmp_path):
+    good, bad = str(tmp_path / "grey.png"), str(tmp_path / "broken.png")
+    Image.fromarray(np.full((40, 60), 200, np.uint8)).save(good)  # greyscale: replicated to 3 channels
+    with open(bad, "wb") as f:
+        f.write(b"not an image")
+    cfg = tiny_cfg(config_path("quickstart/fcos_R18_synthetic.yaml"),
+                   ["INPUT.MIN_SIZE_TEST", 80, "INPUT.MAX_SIZE_TEST", 200])
+    script = _export_model_script()
+    image = script.sample_image(cfg, good)
+    assert image.dtype == torch.uint8 and tuple(image.shape) == (3, 80, 120)
+    assert int(image.min()) == int(image.max()) == 200
+    with pytest.raises(OSError, match=re.escape(f"cannot read image '{bad}'")):
+        script.sample_image(cfg, bad)
 
 
 def test_cli_exports_and_evaluates(tmp_path):

@@ -7,14 +7,14 @@ from detectron2.layers import Conv2d, get_norm
 _REFERENCE_BLOCK_KEY = re.compile(r"(\w+)\.(\d+)\.([01])\.(\w+)")
 
 
-def conv_norm_relu(in_channels, out_channels, norm, kernel_size=3):
-    """Conv (bias only without a norm) + norm + ReLU with kaiming-uniform (a=1) init: the conv block of
+def conv_norm_relu(in_channels, out_channels, norm):
+    """3x3 conv (bias only without a norm) + norm + ReLU with kaiming-uniform (a=1) init: the conv block of
     AdelaiDet's heads (CondInst's mask branch, BlendMask's basis module), as one Detectron2 ``Conv2d``.
 
     Parameters: ``weight``, ``bias`` (without a norm) and ``norm.*``; AdelaiDet names the same block
     ``0.*`` (conv) and ``1.*`` (norm): see :func:`conv_norm_relu_reference_key`.
     """
-    conv = Conv2d(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2, bias=not norm,
+    conv = Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=not norm,
                   norm=get_norm(norm, out_channels), activation=F.relu)
     nn.init.kaiming_uniform_(conv.weight, a=1)
     if conv.bias is not None:

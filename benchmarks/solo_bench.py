@@ -67,7 +67,6 @@ MODELS = {
 }
 DECOUPLED_MEMORY_TARGET = 0.5  # Decoupled SOLO / SOLO inference peak memory, at most
 MATRIX_NMS_TARGET = 10.0  # greedy mask NMS time / Matrix NMS time, at least
-TARGET_SIZE = (800, 1333)
 
 
 def exact_size_input(cfg, height, width):
@@ -226,6 +225,7 @@ def rowwise_greedy_mask_nms(masks, labels, scores, iou_threshold=0.5):
 GREEDY = "adet_lite greedy mask_nms (IoU 0.5; the same-label IoUs as Matrix NMS)"
 ROWWISE = "greedy, one IoU row per kept mask (torchvision-NMS style)"
 PAIRWISE = "greedy as in SOLO / AdelaiDet (Python loop over pairs)"
+PAIRWISE_MAX_ITERS = 3  # its loop takes seconds per call: fewer repetitions
 MATRIX = "adet_lite.matrix_nms (gaussian, sigma 2)"
 
 
@@ -255,8 +255,7 @@ def measure_nms(args):
     runs = {**greedy_runs, MATRIX: lambda: matrix_nms(masks, labels, scores),
             "  of which: same-label mask IoUs (Matrix NMS and adet_lite's greedy compute them)":
                 lambda: same_label_mask_iou(masks, labels)}
-    # The pairwise loop takes seconds per call: fewer repetitions.
-    iterations = {PAIRWISE: min(args.nms_iters, 3)}
+    iterations = {PAIRWISE: min(args.nms_iters, PAIRWISE_MAX_ITERS)}
     seconds = {name: median_seconds(fn, args.device, min(args.warmup, 1) if name == PAIRWISE else args.warmup,
                                     iterations.get(name, args.nms_iters))
                for name, fn in runs.items()}
@@ -266,14 +265,9 @@ def measure_nms(args):
     return (height, width), seconds, kept_counts, overlapping
 
 
-def verdict(ratio, target, at_most, conclusive):
-    met = ratio <= target if at_most else ratio >= target
-    if not conclusive:
-        return f"{'meets' if met else 'misses'} the bar here; not conclusive: not {TARGET_SIZE[0]}x{TARGET_SIZE[1]}"
-    return "met" if met else "NOT met"
-
-
 def main():
+    from d2ext.benchmark import TARGET_SIZE, command_line, format_table, machine_description, verdict
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", nargs=2, type=int, default=list(TARGET_SIZE), metavar=("H", "W"),
                         help="input image height and width (exact)")
@@ -290,8 +284,6 @@ def main():
     parser.add_argument("--nms-objects", type=int, default=40, help="objects the NMS masks are copies of")
     parser.add_argument("--nms-iters", type=int, default=10)
     args = parser.parse_args()
-
-    from d2ext.benchmark import command_line, format_table, machine_description
 
     results = {}
     for name in args.models:
@@ -346,7 +338,8 @@ def main():
 
     print(f"\n### Matrix NMS vs greedy mask NMS: {args.nms_masks} masks of {mask_size[0]}x{mask_size[1]} "
           f"(stride 4 of the padded input), {args.nms_classes} classes, copies of {args.nms_objects} ellipses "
-          f"({overlapping} same-class pairs with IoU > 0.5), {args.device}, median of {args.nms_iters}\n")
+          f"({overlapping} same-class pairs with IoU > 0.5), {args.device}, median of {args.nms_iters} "
+          f"({PAIRWISE}: of {min(args.nms_iters, PAIRWISE_MAX_ITERS)})\n")
     print("| method | median ms | x Matrix NMS | kept |")
     print("| --- | --- | --- | --- |")
     for name, seconds in nms_seconds.items():
@@ -366,12 +359,13 @@ def main():
               f"whole-process peak {total:.2f}; forward pass only (no post-processing) {forward:.2f}; "
               f"latency x{d['seconds'] / s['seconds']:.2f}")
     nms_conclusive = conclusive and args.nms_masks == 500
+    nms_why_not = "not 500 masks" if conclusive else f"not {TARGET_SIZE[0]}x{TARGET_SIZE[1]}"
     speedup = {name: nms_seconds[name] / nms_seconds[MATRIX] for name in (PAIRWISE, ROWWISE, GREEDY)}
     print(f"- Matrix NMS >= {MATRIX_NMS_TARGET:.0f}x faster than greedy mask NMS at 500 masks (the SOLOv2 paper's "
           f"comparison is with the references' greedy NMS): vs {PAIRWISE}: {speedup[PAIRWISE]:.1f}x "
-          f"({verdict(speedup[PAIRWISE], MATRIX_NMS_TARGET, False, nms_conclusive)}); vs {ROWWISE}: "
-          f"{speedup[ROWWISE]:.1f}x ({verdict(speedup[ROWWISE], MATRIX_NMS_TARGET, False, nms_conclusive)}); "
-          f"vs {GREEDY}: {speedup[GREEDY]:.2f}x (it computes the same IoU matrix, then a loop over 500 booleans)")
+          f"({verdict(speedup[PAIRWISE], MATRIX_NMS_TARGET, False, nms_conclusive, nms_why_not)}); vs {ROWWISE}: "
+          f"{speedup[ROWWISE]:.1f}x ({verdict(speedup[ROWWISE], MATRIX_NMS_TARGET, False, nms_conclusive, nms_why_not)}); "
+          f"vs {GREEDY}: {speedup[GREEDY]:.2f}x (it computes the same IoU matrix, then a loop over {args.nms_masks} booleans)")
     if SOLOV2 in results and BASELINE in results:
         v2, base = results[SOLOV2], results[BASELINE]
         print(f"- SOLOv2 / Mask R-CNN end-to-end inference time: {v2['seconds'] / base['seconds']:.2f}, "

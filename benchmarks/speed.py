@@ -18,6 +18,7 @@ drifts between processes.
 import argparse
 import multiprocessing as mp
 import os
+import queue as queue_module
 import statistics
 import sys
 
@@ -73,10 +74,18 @@ def _run_in_spawned_process(target, target_args, args, what):
     queue = ctx.Queue()
     proc = ctx.Process(target=_in_child, args=(target, target_args, args.threads, queue))
     proc.start()
+    # The result is read before the join: a child whose result outgrows the pipe's buffer would otherwise wait
+    # for the read while the parent waits for its exit. A child that dies puts nothing: the wait is polled.
+    while True:
+        exited = not proc.is_alive()  # before the read: a result put just before the exit is still read
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if exited:
+                raise RuntimeError(f"measuring {what} failed (exit {proc.exitcode})") from None
     proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"measuring {what} failed (exit {proc.exitcode})")
-    return queue.get()
+    return result
 
 
 def measure_isolated(config_file, opts, mode, args, prepare_model=None):
@@ -148,7 +157,7 @@ def main():
     parser = argparse.ArgumentParser(description="Speed / memory vs Detectron2's Mask R-CNN R50-FPN.")
     parser.add_argument("--config-file", action="append", default=[], help="repeatable")
     add_measurement_arguments(parser, default_modes=["inference", "train"])
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for every config")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for the --config-file models (not the baseline)")
     args = parser.parse_args()
     models = [(BASELINE if f is None else os.path.relpath(f, REPO), f, args.opts) for f in [None] + args.config_file]
     measure_and_report(models, args, BASELINE)

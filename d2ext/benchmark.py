@@ -246,6 +246,20 @@ def _ratio(row, baseline_row, key):
     return f"{row[key] / baseline_row[key]:.2f}"
 
 
+# The input size at which the issues state their speed and memory targets (Detectron2's COCO test size).
+TARGET_SIZE = (800, 1333)
+
+
+def verdict(value, target, at_most=True, conclusive=True, why_not=f"not {TARGET_SIZE[0]}x{TARGET_SIZE[1]}"):
+    """``value`` against a target (``value <= target`` where ``at_most``, else ``>=``): "met" / "NOT met", or,
+    where this run cannot decide (``conclusive`` False: another input size, a smaller problem), whether it
+    meets the bar here and ``why_not`` it is not conclusive."""
+    met = value <= target if at_most else value >= target
+    if not conclusive:
+        return f"{'meets' if met else 'misses'} the bar here; not conclusive: {why_not}"
+    return "met" if met else "NOT met"
+
+
 def command_line():
     return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 

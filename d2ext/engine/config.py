@@ -13,6 +13,8 @@ def add_d2ext_config(cfg):
     # groups and gradient clipping) trains small models from scratch in far fewer iterations.
     cfg.SOLVER.OPTIMIZER = "SGD"
     cfg.SOLVER.BETAS = (0.9, 0.999)  # AdamW only
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE (Detectron2's key) may also be "full_model": the norm of all gradients
+    # together, as mmdetection clips (d2ext.engine.optimizer); Detectron2's "norm" clips each parameter's.
 
 
 def get_cfg():

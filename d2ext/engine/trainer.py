@@ -4,16 +4,14 @@ import logging
 import os
 from unittest import mock
 
-import torch
-
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.engine import defaults as d2_defaults
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from ..data.mapper import DatasetMapper
 from ..evaluation import build_coco_evaluator
 from ..layers import register_empty_load_check
+from .optimizer import build_optimizer
 
 
 @contextlib.contextmanager
@@ -98,23 +96,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """Detectron2's SGD, or AdamW with the same parameter groups when ``SOLVER.OPTIMIZER`` says so."""
-        name = cfg.SOLVER.OPTIMIZER
-        if name == "SGD":
-            return super().build_optimizer(cfg, model)
-        if name != "AdamW":
-            raise ValueError(f"SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got {name!r}")
-        params = get_default_optimizer_params(
-            model,
-            base_lr=cfg.SOLVER.BASE_LR,
-            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-        )
-        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
-            params, lr=cfg.SOLVER.BASE_LR, betas=tuple(cfg.SOLVER.BETAS),
-            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-        )
+        """Detectron2's SGD, or AdamW with the same parameter groups when ``SOLVER.OPTIMIZER`` says so, with
+        Detectron2's gradient clipping or ``CLIP_TYPE: "full_model"`` (``d2ext.engine.optimizer``)."""
+        return build_optimizer(cfg, model)
 
 
 def check_roi_postprocess_is_applied(cfg, model):

@@ -45,3 +45,32 @@ def test_unknown_optimizer_names_the_key():
     cfg = setup_cfg(None, ["SOLVER.OPTIMIZER", "Adam"])
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
         Trainer.build_optimizer(cfg, _model())
+
+
+@pytest.mark.parametrize("optimizer_name", ["SGD", "AdamW"])
+def test_full_model_clipping_scales_all_gradients_by_one_factor(optimizer_name):
+    cfg = setup_cfg(None, ["SOLVER.OPTIMIZER", optimizer_name, "SOLVER.BASE_LR", 0.1, "SOLVER.WEIGHT_DECAY", 0.0,
+                           "SOLVER.WEIGHT_DECAY_NORM", 0.0, "SOLVER.MOMENTUM", 0.0,
+                           "SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+                           "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 1.0])
+    model = _model()
+    optimizer = Trainer.build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.SGD if optimizer_name == "SGD" else torch.optim.AdamW)
+    params = list(model.parameters())
+    grads = [torch.full_like(p, 3.0) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    total_norm = sum(float((g ** 2).sum()) for g in grads) ** 0.5
+    optimizer.step()
+    # Every gradient is scaled by max_norm / total norm, one factor for all (Detectron2's "norm" would
+    # clip each parameter's gradient to norm 1 on its own, with a factor per parameter).
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(p.grad, g * (1.0 / (total_norm + 1e-6)), rtol=1e-5, atol=1e-7)
+    assert (sum(float((p.grad ** 2).sum()) for p in params) ** 0.5) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_full_model_clipping_needs_a_positive_clip_value():
+    cfg = setup_cfg(None, ["SOLVER.CLIP_GRADIENTS.ENABLED", True, "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model",
+                           "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 0.0])
+    with pytest.raises(ValueError, match="CLIP_VALUE"):
+        Trainer.build_optimizer(cfg, _model())

@@ -3,6 +3,7 @@ the MBRM training stage and official checkpoint names."""
 import copy
 import csv
 import os
+import re
 
 import pytest
 import torch
@@ -205,7 +206,8 @@ def test_official_checkpoint_names(cfg, tmp_path):
     assert len(names) == 61  # 59 head and pixel-stream keys + mbrm.weight, mbrm.bias
     unknown = [n for n in names if official_to_detectron2_name(n) is None]
     assert not unknown
-    opts = SMALL + ["MODEL.FPN.NORM", "", "MODEL.RESNETS.NORM", "FrozenBN"]  # official FPN convs have biases
+    # Official FPN convs have biases; the official weights take RGB (the quick-start config BGR).
+    opts = SMALL + ["MODEL.FPN.NORM", "", "MODEL.RESNETS.NORM", "FrozenBN", "INPUT.FORMAT", "RGB"]
     cfg = tiny_cfg(config_path(CONFIG), opts)
     model = build_tiny_model(cfg)
     official = _fake_official_state_dict(model)
@@ -234,6 +236,22 @@ def test_official_checkpoint_names(cfg, tmp_path):
         torch.save({**official, bad_key: bad_value}, path)
         with pytest.raises(RuntimeError, match=bad_key.replace(".", r"\.")):
             DetectionCheckpointer(build_tiny_model(cfg)).load(path)
+
+
+def test_official_checkpoint_into_a_model_with_msra_input_conventions_is_an_error(tmp_path):
+    opts = SMALL + ["MODEL.FPN.NORM", "", "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.DEPTH", 50,
+                    "MODEL.RESNETS.RES2_OUT_CHANNELS", 256, "MODEL.PIXEL_STD", [1.0, 1.0, 1.0]]
+    model = build_tiny_model(tiny_cfg(config_path(CONFIG), opts + ["MODEL.RESNETS.STRIDE_IN_1X1", True]))
+    path = str(tmp_path / "official.pth")
+    torch.save(_fake_official_state_dict(model), path)
+    message = ("INPUT.FORMAT 'BGR' (official: 'RGB'); MODEL.PIXEL_STD [1, 1, 1] (official: ImageNet's, "
+               "[58.395, 57.12, 57.375]); MODEL.RESNETS.STRIDE_IN_1X1 True (official: False, the stride on the 3x3 conv)")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        DetectionCheckpointer(model).load(path)
+    # With the official conventions the same file loads.
+    official_cfg = tiny_cfg(config_path(CONFIG), opts + ["MODEL.RESNETS.STRIDE_IN_1X1", False, "INPUT.FORMAT", "RGB",
+                                                         "MODEL.PIXEL_STD", [58.395, 57.12, 57.375]])
+    DetectionCheckpointer(build_tiny_model(official_cfg)).load(path)
 
 
 @pytest.mark.parametrize("top_levels, levels", [(2, ["p3", "p4", "p5", "p6", "p7"]), (1, ["p3", "p4", "p5", "p6"]),

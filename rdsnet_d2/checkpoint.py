@@ -10,10 +10,7 @@ reordered per anchor: mmdet v1 numbers a cell's anchors ``ratio_idx * num_sizes 
 """
 import re
 
-import torch
-from detectron2.modeling.backbone.resnet import BottleneckBlock
-
-from d2ext.layers import mmdet_resnet_fpn_key, rename_reference_keys
+from d2ext.layers import check_mmdet_input_conventions, mmdet_resnet_fpn_key, rename_reference_keys
 
 OFFICIAL_PREFIXES = ("bbox_head.", "mask_head.", "neck.")
 # The official neck starts at C3 (mmdet start_level=1): lateral / output conv i is level i + 3.
@@ -67,38 +64,18 @@ def reorder_anchors(tensor, num_sizes, num_ratios):
     return blocks.transpose(0, 1).reshape(tensor.shape)
 
 
-def input_convention_mismatches(model):
-    """The ways in which ``model`` does not take its input as the official weights were trained (mmdetection v1's
-    torchvision ResNets: RGB, ImageNet mean / std, stride on the 3x3 conv): a list of config keys with their values.
-
-    Detectron2's MSRA convention (BGR, std 1, stride on the 1x1 conv) would run the official weights without an
-    error and give wrong detections; ``configs/RDSNet/Base-RDSNet.yaml`` has the official settings.
-    """
-    mismatches = []
-    if model.input_format != "RGB":
-        mismatches.append(f"INPUT.FORMAT {model.input_format!r} (official: 'RGB')")
-    if bool(torch.all(model.pixel_std == 1)):
-        mismatches.append("MODEL.PIXEL_STD [1, 1, 1] (official: ImageNet's, [58.395, 57.12, 57.375])")
-    if any(isinstance(m, BottleneckBlock) and m.conv1.stride != (1, 1) for m in model.backbone.modules()):
-        mismatches.append("MODEL.RESNETS.STRIDE_IN_1X1 True (official: False, the stride on the 3x3 conv)")
-    return mismatches
-
-
 def rename_official_rdsnet_keys(model, state_dict, prefix, error_msgs):
     """In place: rename the official keys under ``prefix`` (a no-op for Detectron2-named dicts, whose
     unknown keys stay Detectron2's "unexpected keys" warning).
 
     ``model`` gives the anchor layout (``official_anchor_layout`` = (num_sizes, num_ratios)). Unknown
     official keys, shape mismatches and a model that takes its input otherwise than the official weights
-    expect (:func:`input_convention_mismatches`) go to ``error_msgs`` (``load_state_dict`` raises them).
+    expect (``d2ext.layers.mmdet_input_convention_mismatches``) go to ``error_msgs`` (``load_state_dict`` raises
+    them).
     """
     if not is_official_rdsnet_state_dict(state_dict, prefix):
         return
-    mismatches = input_convention_mismatches(model)
-    if mismatches:
-        error_msgs.append(f"official RDSNet checkpoint: the model takes its input otherwise than the official weights "
-                          f"were trained: {'; '.join(mismatches)}. Use configs/RDSNet/Base-RDSNet.yaml's input "
-                          "settings.")
+    check_mmdet_input_conventions(model, "official RDSNet", "configs/RDSNet/Base-RDSNet.yaml", error_msgs)
     num_sizes, num_ratios = model.official_anchor_layout
     locals_ = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
     for local in locals_:

@@ -10,13 +10,13 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Instances
 
 from d2ext.config_checks import check_in_features, check_norm, check_values, one_of
-from d2ext.layers import (PixelNormalizationMixin, check_gt_classes, ensure_gt_masks, mask_bounding_boxes,
-                          padded_bitmasks, postprocess_full_image_masks, postprocess_per_image,
+from d2ext.layers import (PixelNormalizationMixin, check_gt_classes, check_mmdet_input_conventions, ensure_gt_masks,
+                          mask_bounding_boxes, padded_bitmasks, postprocess_full_image_masks, postprocess_per_image,
                           register_empty_load_check, rename_reference_keys)
 
 from ..mbrm import mbrm_options
 from .category_branch import CategoryBranch
-from .checkpoint import reference_format, rename_reference_key
+from .checkpoint import MMDET, reference_format, rename_reference_key
 from .config import GRID_HEAD_REQUIREMENTS, SOLOV2_REQUIREMENTS
 from .inference import NMS_TYPES, GridInferenceParams, select_instances
 from .losses import solo_category_loss, solo_mask_loss
@@ -110,6 +110,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         inference_params,
         pixel_mean,
         pixel_std,
+        input_format="BGR",
         mbrm=None,
         mbrm_chunk_size=16,
     ):
@@ -119,6 +120,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
                 ``mask_sizes(outputs)`` and ``mask_probs(outputs, image, level, cells, size)``.
             mask_target_strides: per level, the stride of the predicted masks on the input image.
             deduplicate_cells: one positive per cell (SOLO) or one per (instance, cell) pair (SOLOv2).
+            input_format: ``INPUT.FORMAT`` of the images: checked against released weights' conventions on load.
             mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the masks' boxes from the soft masks at
                 inference (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``); mbrm_chunk_size: with it,
                 detections whose full-size soft masks exist at once.
@@ -144,6 +146,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         self.inference_params = inference_params
         self.mbrm = mbrm
         self.mbrm_chunk_size = mbrm_chunk_size
+        self.input_format = input_format
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
 
@@ -172,6 +175,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
             "deduplicate_cells": True,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
             **mbrm_options(cfg, "SOLO"),
         }
 
@@ -180,6 +184,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         # Released mmdetection / AdelaiDet checkpoints load as they are: their keys are renamed here.
         local_keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
         source = reference_format(local_keys)
+        if source == MMDET:
+            check_mmdet_input_conventions(self, source, "configs/SOLO/Base-SOLO.yaml", error_msgs)
         if source is not None:
             dropped = {k for k in local_keys if rename_reference_key(k, source) == ""}
             rename_reference_keys(self, state_dict, prefix, lambda key: rename_reference_key(key, source),
@@ -361,5 +367,6 @@ class SOLOv2(SOLO):
             "deduplicate_cells": False,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
             **mbrm_options(cfg, "SOLOv2"),
         }

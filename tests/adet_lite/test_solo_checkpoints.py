@@ -1,5 +1,7 @@
 """Released-checkpoint key names (mmdetection 3.3 SOLO family, AdelaiDet SOLOv2) load through Detectron2's
 DetectionCheckpointer: fake state dicts with the reference names and shapes (tests/reference_keys/)."""
+import re
+
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -93,3 +95,14 @@ def test_unknown_and_misshaped_reference_keys_are_named(tmp_path):
     torch.save(fake, str(tmp_path / "shape.pth"))
     with pytest.raises(RuntimeError, match="mask_head.conv_mask_list_x.0.weight"):
         DetectionCheckpointer(model).load(str(tmp_path / "shape.pth"))
+
+
+def test_mmdetection_checkpoint_into_a_model_with_msra_input_conventions_is_an_error(tmp_path):
+    # AdelaiDet's SOLOv2 config (BGR, MSRA R-50) with mmdetection's SOLOv2 weights: they would run, wrongly.
+    model = build_tiny_model(tiny_cfg(config_path(CASES["adelaidet_solov2"][1])))
+    fake = _fake_checkpoint("mmdet_solov2", model)
+    torch.save(fake, str(tmp_path / "mmdet.pth"))
+    with pytest.raises(RuntimeError, match=re.escape(
+            "mmdetection checkpoint: the model takes its input otherwise than these weights were trained: "
+            "INPUT.FORMAT 'BGR' (mmdetection: 'RGB'); MODEL.PIXEL_STD [1, 1, 1]")):
+        DetectionCheckpointer(model).load(str(tmp_path / "mmdet.pth"))

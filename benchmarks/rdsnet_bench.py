@@ -33,16 +33,19 @@ RETINANET_CONFIG = "COCO-Detection/retinanet_R_50_FPN_1x.yaml"
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 ALL_DETECTIONS = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
                   "TEST.DETECTIONS_PER_IMAGE", "100"]
+# The RDSNet configs' ResNets have the official code's stride on the 3x3 conv (torchvision's); the baselines get
+# the same backbone, so that the ratios measure the heads (as the paper's RetinaNet vs RDSNet, one backbone).
+RDSNET_BACKBONE = ["MODEL.RESNETS.STRIDE_IN_1X1", "False"]
 # name -> (config: a model-zoo name or a path under configs/, extra opts)
 MODELS = {
-    BASELINE: (RETINANET_CONFIG, []),
+    BASELINE: (RETINANET_CONFIG, RDSNET_BACKBONE),
     "rdsnet_R_50_FPN_1x": ("RDSNet/rdsnet_R_50_FPN_1x.yaml", []),
     "rdsnet_R_50_FPN_1x_refine (MBRM)": ("RDSNet/rdsnet_R_50_FPN_1x_refine.yaml", []),
     # All 100 masks upsampled at once, as the official code does (it upsamples 2 channels, we 1).
     "rdsnet_R_50_FPN_1x, one mask chunk": ("RDSNet/rdsnet_R_50_FPN_1x.yaml", ["MODEL.RDSNET.MASK_CHUNK_SIZE", "100"]),
-    "detectron2 mask_rcnn_R_50_FPN_1x": (MASK_RCNN_CONFIG, []),
-    "mask_rcnn_R_50_FPN_1x + MBRM": (MASK_RCNN_CONFIG, ["MODEL.META_ARCHITECTURE", "GeneralizedRCNNWithMBRM",
-                                                         "MODEL.MBRM.ENABLED", "True"]),
+    "detectron2 mask_rcnn_R_50_FPN_1x": (MASK_RCNN_CONFIG, RDSNET_BACKBONE),
+    "mask_rcnn_R_50_FPN_1x + MBRM": (MASK_RCNN_CONFIG, [*RDSNET_BACKBONE, "MODEL.META_ARCHITECTURE",
+                                                         "GeneralizedRCNNWithMBRM", "MODEL.MBRM.ENABLED", "True"]),
 }
 # (label, first model, second model, as a percentage, target): timed alternately in one process as well; the
 # label's quantity is the second model's time over the first's (as a percentage: the extra time); the issue's

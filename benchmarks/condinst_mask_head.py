@@ -42,15 +42,11 @@ def random_boxes(n, height, width, generator):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--instances", type=int, default=TARGET_INSTANCES)
-    parser.add_argument("--size", type=int, nargs=2, default=list(TARGET_PADDED_SIZE), help="padded input H W")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    benchmark.add_timing_arguments(parser, size=TARGET_PADDED_SIZE, warmup=3, iters=10, device="cpu",
+                                   size_help="padded input size")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchmark.use_threads(args.threads)
     device, n = args.device, args.instances
     height, width = args.size
     generator = torch.Generator().manual_seed(0)

@@ -157,17 +157,12 @@ def postprocess_rows(args, nl_inference_seconds):
 
 def main():
     parser = argparse.ArgumentParser(description="NL-RoI overhead vs the plain GN Mask R-CNN.")
-    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("HEIGHT", "WIDTH"), help="exact input size (built-in images stretched to it)")
     parser.add_argument("--proposals", type=int, default=1000)
     parser.add_argument("--rois", nargs="+", type=int, default=[0, 1, 100, 500, 1000, 2000])
     parser.add_argument("--modes", nargs="+", default=["inference", "train"], choices=["inference", "train"])
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    benchmark.add_timing_arguments(parser, warmup=1)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchmark.use_threads(args.threads)
 
     models = whole_model_rows(args)
     heads = heads_rows(args) if "inference" in args.modes else []

@@ -91,8 +91,7 @@ def measure_model(name, args):
     one inference: its convolutions and matrix products, ``d2ext.benchmark.inference_gflops``)."""
     from d2ext import benchmark
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchmark.use_threads(args.threads)
     model, images = _model_and_images(name, args, args.images)
     with torch.no_grad():
         seconds = benchmark.median_seconds(lambda: model(images[:1]), args.device, args.warmup, args.iters)
@@ -112,8 +111,7 @@ def measure_pair_alternately(first, second, args):
     run alternately on one image (``interleaved_seconds``), so that the machine's drift falls on both."""
     from d2ext import benchmark
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchmark.use_threads(args.threads)
     steps = []
     for name in (first, second):
         model, image = _model_and_images(name, args, 1)
@@ -124,18 +122,14 @@ def measure_pair_alternately(first, second, args):
 
 
 def main():
+    from d2ext.benchmark import TARGET_SIZE, add_timing_arguments, command_line, format_table, machine_description, verdict
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("HEIGHT", "WIDTH"), help="exact input size (built-in images stretched to it)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
+    add_timing_arguments(parser)
     parser.add_argument("--images", type=int, default=50, help="inference images for the memory rows")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
                         help=f"subset of: {', '.join(MODELS)} (the baseline always runs)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-
-    from d2ext.benchmark import TARGET_SIZE, command_line, format_table, machine_description, verdict
 
     names = [BASELINE] + [n for n in args.models if n != BASELINE]
     results = {}

@@ -123,8 +123,7 @@ def measure_model(name, args):
     from detectron2 import model_zoo
     from detectron2.modeling import build_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    benchmark.use_threads(args.threads)
     config, node = MODELS[name]
     opts = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", args.device]
     if node is None:
@@ -236,10 +235,9 @@ def measure_nms(args):
     from adet_lite import matrix_nms
     from adet_lite.solo import mask_nms
     from adet_lite.solo.nms import same_label_mask_iou
-    from d2ext.benchmark import median_seconds
+    from d2ext.benchmark import median_seconds, use_threads
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     # Masks at stride 4 of the input padded to a multiple of 32 (SOLO's finest mask resolution).
     height, width = (math.ceil(s / 32) * 32 // 4 for s in args.size)
     masks, labels, scores = overlapping_blobs(args.nms_masks, height, width, args.nms_classes, args.nms_objects)
@@ -266,15 +264,10 @@ def measure_nms(args):
 
 
 def main():
-    from d2ext.benchmark import TARGET_SIZE, command_line, format_table, machine_description, verdict
+    from d2ext.benchmark import TARGET_SIZE, add_timing_arguments, command_line, format_table, machine_description, verdict
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", nargs=2, type=int, default=list(TARGET_SIZE), metavar=("H", "W"),
-                        help="input image height and width (exact)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    add_timing_arguments(parser, device="cpu")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS), metavar="NAME",
                         help=f"subset of: {', '.join(MODELS)} (none: the NMS comparison only)")
     parser.add_argument("--candidates", type=int, default=500,

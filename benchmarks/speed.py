@@ -22,8 +22,6 @@ import queue as queue_module
 import statistics
 import sys
 
-import torch
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINE = "detectron2 mask_rcnn_R_50_FPN_1x"
 # A random Mask R-CNN scores few boxes above the default 0.05; at 0 it sends its detections through the mask head.
@@ -63,8 +61,9 @@ def _interleaved_ratios(models, args):
 
 
 def _in_child(target, target_args, threads, queue):
-    if threads:
-        torch.set_num_threads(threads)
+    from d2ext.benchmark import use_threads
+
+    use_threads(threads)
     queue.put(target(*target_args))
 
 
@@ -103,13 +102,11 @@ def interleaved_inference_ratios(models, args):
 
 def add_measurement_arguments(parser, default_modes):
     """The options every speed benchmark shares: modes, input size, batch, warm-up / iterations, device, threads."""
+    from d2ext.benchmark import add_timing_arguments
+
     parser.add_argument("--modes", nargs="+", default=default_modes, choices=["inference", "train"])
-    parser.add_argument("--size", nargs=2, type=int, default=[800, 1333], metavar=("HEIGHT", "WIDTH"), help="exact input size (built-in images stretched to it)")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    add_timing_arguments(parser)
 
 
 def measure_and_report(models, args, baseline_name):

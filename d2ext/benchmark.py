@@ -260,6 +260,24 @@ def verdict(value, target, at_most=True, conclusive=True, why_not=f"not {TARGET_
     return "met" if met else "NOT met"
 
 
+def add_timing_arguments(parser, *, size=TARGET_SIZE, warmup=2, iters=5, device=None,
+                         size_help="exact input size (built-in images stretched to it)"):
+    """The options of every speed benchmark: --size, --warmup, --iters, --device (default: ``device``, or CUDA
+    where available) and --threads (:func:`use_threads`)."""
+    parser.add_argument("--size", nargs=2, type=int, default=list(size), metavar=("HEIGHT", "WIDTH"), help=size_help)
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed runs before the timed ones")
+    parser.add_argument("--iters", type=int, default=iters, help="timed runs (their median is reported)")
+    parser.add_argument("--device", default=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                        help="cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+
+
+def use_threads(threads):
+    """Set this process's torch threads (--threads); 0 leaves torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def command_line():
     return " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
 

@@ -2,6 +2,7 @@
 train steps, inference, checkpoint round trips, fake reference checkpoints and short overfitting runs.
 No network, CPU only."""
 import copy
+import importlib.util
 import os
 import re
 
@@ -22,6 +23,15 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Key names and shapes of the released checkpoints (AdelaiDet, mmdetection, official RDSNet), as
 # tab-separated lists: the checkpoint-loading tests build fake state dicts from them.
 REFERENCE_DIR = os.path.join(REPO_ROOT, "tests", "reference_keys")
+
+
+def load_script(relative):
+    """The module of a script of the repository (``projects/*.py``, ``benchmarks/*.py``: not packages), by path."""
+    name = os.path.splitext(os.path.basename(relative))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, relative))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def config_path(relative):

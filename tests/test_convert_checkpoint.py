@@ -1,23 +1,15 @@
 """projects/convert_checkpoint.py: Detectron2 and mmdetection-wrapped checkpoints in, ours out."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
-from d2ext.testing import build_tiny_model, config_path, tiny_cfg
+from d2ext.testing import build_tiny_model, config_path, load_script, tiny_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = config_path("quickstart/mask_rcnn_R18_FPN_synthetic.yaml")
 
 
 @pytest.fixture(scope="module")
 def convert_checkpoint():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint",
-                                                  os.path.join(REPO, "projects", "convert_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("projects/convert_checkpoint.py")
 
 
 @pytest.mark.parametrize("wrapper", ["detectron2", "mmdet", "bare"])

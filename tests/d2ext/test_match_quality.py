@@ -1,16 +1,10 @@
 """benchmarks/match_quality.py: per-instance best IoU and class of the top-scoring match against loops, and
 the area errors of a hand-made pair of masks."""
-import importlib.util
-import os
-
 import numpy as np
 
-from d2ext.testing import REPO_ROOT
+from d2ext.testing import load_script
 
-_SCRIPT = os.path.join(REPO_ROOT, "benchmarks", "match_quality.py")
-_spec = importlib.util.spec_from_file_location("match_quality", _SCRIPT)
-match_quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(match_quality)
+match_quality = load_script("benchmarks/match_quality.py")
 
 
 def _reference(iou, gt_classes, det_classes, det_scores):

@@ -5,7 +5,6 @@ image of another size, with another number of detections, against the eager mode
 The tiny models are randomly initialised: each config's score threshold is set where the two images give
 different, non-zero numbers of detections (asserted), so that sizes and counts must both be dynamic.
 """
-import importlib.util
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from detectron2.utils.testing import assert_instances_allclose
 from PIL import Image
 
 from d2ext import export
-from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batch, tiny_cfg
+from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batch, load_script, tiny_cfg
 
 SMALL = ["INPUT.MIN_SIZE_TEST", 128, "INPUT.MAX_SIZE_TEST", 192]
 
@@ -143,10 +142,7 @@ def test_training_mode_is_a_clear_export_error():
 
 
 def _export_model_script():
-    spec = importlib.util.spec_from_file_location("export_model", os.path.join(REPO_ROOT, "projects", "export_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("projects/export_model.py")
 
 
 @pytest.mark.parametrize("method, export_format, message", [

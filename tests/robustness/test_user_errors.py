@@ -6,7 +6,6 @@ is reported by name, and a checkpoint that loads nothing is an error. Models are
 (``configs/quickstart/``) of the 8 methods, at their default sizes (building one takes ~0.1 s)."""
 import contextlib
 import copy
-import importlib.util
 import logging
 import os
 import re
@@ -28,7 +27,8 @@ from PIL import Image
 from d2ext.data.image_io import read_image
 from d2ext.data.mapper import DatasetMapper
 from d2ext.engine import Trainer, setup_cfg
-from d2ext.testing import REPO_ROOT, build_tiny_model, config_path, dataset_batch, tiny_cfg, train_step
+from d2ext.testing import (REPO_ROOT, build_tiny_model, config_path, dataset_batch, load_script, tiny_cfg,
+                           train_step)
 
 # name: (quick-start config, opts selecting the variant, the key of the number of classes)
 MODELS = {
@@ -162,13 +162,6 @@ def test_demo_writes_overlays_of_unusual_images_and_names_an_unreadable_one(tmp_
     assert not (output / "truncated.png").exists()
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(REPO_ROOT, "projects", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return demo
-
-
 class RecordingModel(torch.nn.Module):
     """Stands in for a model behind ``DefaultPredictor``: keeps the image tensor it is given."""
 
@@ -184,8 +177,7 @@ def test_demo_gives_the_model_its_input_format(input_format, tmp_path):
     cfg = tiny_cfg(config_path("quickstart/" + MODELS[DEMO_MODEL][0]), ["INPUT.FORMAT", input_format])
     predictor = DefaultPredictor(cfg)
     predictor.model = RecordingModel()
-    demo = _load_demo()
-    _, rgb = demo.predict_file(predictor, path)
+    _, rgb = load_script("projects/demo.py").predict_file(predictor, path)
     red_channel = 0 if input_format == "RGB" else 2
     pixel = predictor.model.image[:, 0, 0].tolist()
     assert pixel[red_channel] == 255 and sum(pixel) == 255, pixel
@@ -193,7 +185,7 @@ def test_demo_gives_the_model_its_input_format(input_format, tmp_path):
 
 
 def test_demo_inputs_with_one_output_name_are_an_error():
-    demo = _load_demo()
+    demo = load_script("projects/demo.py")
     assert demo.output_names(["a/x.png", "b/y.jpg"]) == ["x.png", "y.png"]
     with pytest.raises(ValueError, match=re.escape("'a/x.png' and 'b/x.jpg' would both be written to 'x.png'")):
         demo.output_names(["a/x.png", "b/x.jpg"])

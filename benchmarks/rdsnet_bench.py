@@ -122,7 +122,8 @@ def measure_pair_alternately(first, second, args):
 
 
 def main():
-    from d2ext.benchmark import TARGET_SIZE, add_timing_arguments, command_line, format_table, machine_description, verdict
+    from d2ext.benchmark import (TARGET_SIZE, add_timing_arguments, command_line, format_table, machine_description,
+                                 verdict)
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_timing_arguments(parser)

@@ -154,7 +154,8 @@ def main():
     parser = argparse.ArgumentParser(description="Speed / memory vs Detectron2's Mask R-CNN R50-FPN.")
     parser.add_argument("--config-file", action="append", default=[], help="repeatable")
     add_measurement_arguments(parser, default_modes=["inference", "train"])
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="KEY VALUE for the --config-file models (not the baseline)")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
+                        help="KEY VALUE for the --config-file models (not the baseline)")
     args = parser.parse_args()
     models = [(BASELINE if f is None else os.path.relpath(f, REPO), f, args.opts) for f in [None] + args.config_file]
     measure_and_report(models, args, BASELINE)

@@ -143,8 +143,8 @@ def model_step(cfg, mode, batch, prepare_model=None):
 
 def measure(cfg, mode, batch, warmup, iters, prepare_model=None):
     """Median seconds and peak memory of one inference (batch of images) or one training step
-    (``prepare_model``: see :func:`model_step`). The peak is that of the timed steps, from the memory in use
-    once the model is built (:func:`reset_peak_memory`; the process's peak on a CPU where it cannot be reset).
+    (``prepare_model``: see :func:`model_step`). The peak is that of the warm-up and timed steps, from the memory
+    in use once the model is built (:func:`reset_peak_memory`; the process's peak on a CPU where it cannot be reset).
 
     Returns:
         dict of seconds, memory_mb, detections: the instances per image of the last inference (how much

@@ -25,7 +25,8 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def expand_inputs(inputs):
-    """Files, folders (their images, sorted) and globs -> list of paths. Unknown paths are errors."""
+    """Files, folders (their images, sorted) and globs -> list of paths, each once (in the order first given).
+    Unknown paths are errors."""
     paths = []
     for item in inputs:
         if os.path.isdir(item):
@@ -41,7 +42,7 @@ def expand_inputs(inputs):
             if not found:
                 raise FileNotFoundError(f"--input {item!r} is not a file, a folder or a matching glob")
             paths += found
-    return paths
+    return list(dict.fromkeys(os.path.normpath(path) for path in paths))
 
 
 def output_names(paths):

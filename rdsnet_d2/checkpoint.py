@@ -10,7 +10,7 @@ reordered per anchor: mmdet v1 numbers a cell's anchors ``ratio_idx * num_sizes 
 """
 import re
 
-from d2ext.layers import check_mmdet_input_conventions, mmdet_resnet_fpn_key, rename_reference_keys
+from d2ext.layers import TORCHVISION, check_input_conventions, mmdet_resnet_fpn_key, rename_reference_keys
 
 OFFICIAL_PREFIXES = ("bbox_head.", "mask_head.", "neck.")
 # The official neck starts at C3 (mmdet start_level=1): lateral / output conv i is level i + 3.
@@ -70,12 +70,12 @@ def rename_official_rdsnet_keys(model, state_dict, prefix, error_msgs):
 
     ``model`` gives the anchor layout (``official_anchor_layout`` = (num_sizes, num_ratios)). Unknown
     official keys, shape mismatches and a model that takes its input otherwise than the official weights
-    expect (``d2ext.layers.mmdet_input_convention_mismatches``) go to ``error_msgs`` (``load_state_dict`` raises
+    expect (torchvision's: ``d2ext.layers.input_convention_mismatches``) go to ``error_msgs`` (``load_state_dict`` raises
     them).
     """
     if not is_official_rdsnet_state_dict(state_dict, prefix):
         return
-    check_mmdet_input_conventions(model, "official RDSNet", "configs/RDSNet/Base-RDSNet.yaml", error_msgs)
+    check_input_conventions(model, TORCHVISION, "official RDSNet", "configs/RDSNet/Base-RDSNet.yaml", error_msgs)
     num_sizes, num_ratios = model.official_anchor_layout
     locals_ = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
     for local in locals_:

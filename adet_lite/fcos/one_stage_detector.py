@@ -23,7 +23,8 @@ class OneStageDetector(PixelNormalizationMixin, ProposalNetwork):
 
     def forward(self, batched_inputs):
         if self.training:
-            check_input_images(batched_inputs, len(self.pixel_mean))  # ProposalNetwork normalises the images without preprocess_image
+            # ProposalNetwork normalises the images without preprocess_image.
+            check_input_images(batched_inputs, len(self.pixel_mean))
             return super().forward(batched_inputs)
         return self.inference(batched_inputs)
 

@@ -10,9 +10,9 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Instances
 
 from d2ext.config_checks import check_in_features, check_norm, check_values, one_of
-from d2ext.layers import (PixelNormalizationMixin, check_gt_classes, check_mmdet_input_conventions, ensure_gt_masks,
-                          mask_bounding_boxes, padded_bitmasks, postprocess_full_image_masks, postprocess_per_image,
-                          register_empty_load_check, rename_reference_keys)
+from d2ext.layers import (MSRA, TORCHVISION, PixelNormalizationMixin, check_gt_classes, check_input_conventions,
+                          ensure_gt_masks, mask_bounding_boxes, padded_bitmasks, postprocess_full_image_masks,
+                          postprocess_per_image, register_empty_load_check, rename_reference_keys)
 
 from ..mbrm import mbrm_options
 from .category_branch import CategoryBranch
@@ -184,9 +184,11 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         # Released mmdetection / AdelaiDet checkpoints load as they are: their keys are renamed here.
         local_keys = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
         source = reference_format(local_keys)
-        if source == MMDET:
-            check_mmdet_input_conventions(self, source, "configs/SOLO/Base-SOLO.yaml", error_msgs)
         if source is not None:
+            # mmdetection's weights are torchvision-style (Base-SOLO.yaml), AdelaiDet's MSRA (Base-SOLOv2.yaml).
+            convention, config = ((TORCHVISION, "configs/SOLO/Base-SOLO.yaml") if source == MMDET
+                                  else (MSRA, "configs/SOLO/Base-SOLOv2.yaml"))
+            check_input_conventions(self, convention, source, config, error_msgs)
             dropped = {k for k in local_keys if rename_reference_key(k, source) == ""}
             rename_reference_keys(self, state_dict, prefix, lambda key: rename_reference_key(key, source),
                                   error_msgs, source, ignored=dropped)

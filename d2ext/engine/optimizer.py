@@ -2,8 +2,9 @@
 parameter groups and gradient clipping, plus clipping of the whole model's gradient norm.
 
 Detectron2's ``SOLVER.CLIP_GRADIENTS.CLIP_TYPE: "norm"`` clips each parameter's gradient on its own. mmdetection
-(``optimizer_config = dict(grad_clip=dict(max_norm=35, norm_type=2))``: RDSNet, SOLO / SOLOv2) clips the norm of
-all gradients together: ``CLIP_TYPE: "full_model"`` (the name DETR's Detectron2 wrapper gave it) does that.
+clips the norm of all gradients together (the official RDSNet's ``grad_clip=dict(max_norm=35, norm_type=2)``,
+mmdetection SOLOv2's ``clip_grad``): ``CLIP_TYPE: "full_model"`` (the name DETR's Detectron2 wrapper gave it) does
+that.
 """
 import torch
 from detectron2.solver import build_optimizer as d2_build_optimizer

@@ -6,8 +6,9 @@ from .fpn import LastLevelP6, fpn_top_block
 from .gt_checks import check_gt_classes
 from .gt_masks import ensure_gt_masks, mask_centroids, padded_bitmasks, semantic_targets
 from .images import PixelNormalizationMixin, check_image_sizes, check_input_images
+from .input_conventions import MSRA, TORCHVISION, check_input_conventions, input_convention_mismatches
 from .losses import dice_loss, focal_loss_targets
-from .mmdet_names import check_mmdet_input_conventions, mmdet_input_convention_mismatches, mmdet_resnet_fpn_key
+from .mmdet_names import mmdet_resnet_fpn_key
 from .postprocess import (capped_count, mask_bounding_boxes, postprocess_full_image_masks, postprocess_per_image,
                           resize_soft_masks, stable_argsort)
 from .state_dict import (ReferenceCheckpointMixin, keys_reference_checkpoints_lack, register_empty_load_check,
@@ -16,14 +17,16 @@ from .upsample import aligned_bilinear
 
 __all__ = [
     "LastLevelP6",
+    "MSRA",
     "PixelNormalizationMixin",
     "ReferenceCheckpointMixin",
+    "TORCHVISION",
     "aligned_bilinear",
     "capped_count",
     "check_gt_classes",
     "check_image_sizes",
+    "check_input_conventions",
     "check_input_images",
-    "check_mmdet_input_conventions",
     "conv_norm_relu",
     "conv_norm_relu_reference_key",
     "conv3x3_at_cells",
@@ -32,11 +35,11 @@ __all__ = [
     "ensure_gt_masks",
     "focal_loss_targets",
     "fpn_top_block",
+    "input_convention_mismatches",
     "is_conv3x3",
     "keys_reference_checkpoints_lack",
     "mask_bounding_boxes",
     "mask_centroids",
-    "mmdet_input_convention_mismatches",
     "mmdet_resnet_fpn_key",
     "padded_bitmasks",
     "postprocess_full_image_masks",

@@ -1,8 +1,5 @@
 import re
 
-import torch
-from detectron2.modeling.backbone.resnet import BottleneckBlock
-
 _STAGE_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(.+)$")
 _BLOCK_PARTS = (
     (re.compile(r"^conv(\d)\.weight$"), r"conv\1.weight"),
@@ -49,29 +46,3 @@ def mmdet_resnet_fpn_key(key, fpn_first_level=2):
                 return f"backbone.bottom_up.res{int(stage) + 1}.{index}.{pattern.sub(replacement, rest)}"
     return None
 
-
-def mmdet_input_convention_mismatches(model):
-    """How ``model`` takes its input otherwise than mmdetection's weights were trained (torchvision ResNets: RGB,
-    ImageNet mean / std, stride on the 3x3 conv): its config keys and values, with the official ones.
-
-    Detectron2's MSRA convention (BGR, std 1, stride on the 1x1 conv) runs such weights without an error and
-    gives wrong outputs. ``model``: a meta-architecture with ``input_format``, ``pixel_std`` and ``backbone``.
-    """
-    mismatches = []
-    if model.input_format != "RGB":
-        mismatches.append(f"INPUT.FORMAT {model.input_format!r} (mmdetection: 'RGB')")
-    if bool(torch.all(model.pixel_std == 1)):
-        mismatches.append("MODEL.PIXEL_STD [1, 1, 1] (mmdetection: ImageNet's, [58.395, 57.12, 57.375])")
-    if any(isinstance(m, BottleneckBlock) and m.conv1.stride != (1, 1) for m in model.backbone.modules()):
-        mismatches.append("MODEL.RESNETS.STRIDE_IN_1X1 True (mmdetection: False, the stride on the 3x3 conv)")
-    return mismatches
-
-
-def check_mmdet_input_conventions(model, source, config_with_them, error_msgs):
-    """Add an error to ``error_msgs`` (``load_state_dict``'s) if ``model`` takes its input otherwise than the
-    weights of ``source`` (an mmdetection-based checkpoint) expect; ``config_with_them`` names a config that has
-    the right settings."""
-    mismatches = mmdet_input_convention_mismatches(model)
-    if mismatches:
-        error_msgs.append(f"{source} checkpoint: the model takes its input otherwise than these weights were "
-                          f"trained: {'; '.join(mismatches)}. Use {config_with_them}'s input settings.")

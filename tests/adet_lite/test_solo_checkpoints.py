@@ -97,12 +97,21 @@ def test_unknown_and_misshaped_reference_keys_are_named(tmp_path):
         DetectionCheckpointer(model).load(str(tmp_path / "shape.pth"))
 
 
-def test_mmdetection_checkpoint_into_a_model_with_msra_input_conventions_is_an_error(tmp_path):
-    # AdelaiDet's SOLOv2 config (BGR, MSRA R-50) with mmdetection's SOLOv2 weights: they would run, wrongly.
-    model = build_tiny_model(tiny_cfg(config_path(CASES["adelaidet_solov2"][1])))
-    fake = _fake_checkpoint("mmdet_solov2", model)
-    torch.save(fake, str(tmp_path / "mmdet.pth"))
-    with pytest.raises(RuntimeError, match=re.escape(
-            "mmdetection checkpoint: the model takes its input otherwise than these weights were trained: "
-            "INPUT.FORMAT 'BGR' (mmdetection: 'RGB'); MODEL.PIXEL_STD [1, 1, 1]")):
-        DetectionCheckpointer(model).load(str(tmp_path / "mmdet.pth"))
+@pytest.mark.parametrize("checkpoint, config, message", [
+    # mmdetection's SOLOv2 weights into AdelaiDet's SOLOv2 config (BGR, MSRA R-50), and the other way round:
+    # either would run, wrongly.
+    ("mmdet_solov2", "adelaidet_solov2",
+     "mmdetection checkpoint: the model takes its input otherwise than these weights were trained: INPUT.FORMAT "
+     "'BGR' (torchvision: 'RGB'); MODEL.PIXEL_STD [1.0, 1.0, 1.0] (torchvision: ImageNet, [58.395, 57.12, 57.375]); "
+     "MODEL.RESNETS.STRIDE_IN_1X1 True (torchvision: False). Use configs/SOLO/Base-SOLO.yaml's input settings."),
+    ("adelaidet_solov2", "mmdet_solov2",
+     "AdelaiDet checkpoint: the model takes its input otherwise than these weights were trained: INPUT.FORMAT "
+     "'RGB' (MSRA: 'BGR'); MODEL.PIXEL_STD [58.395, 57.12, 57.375] (MSRA: [1, 1, 1]); "
+     "MODEL.RESNETS.STRIDE_IN_1X1 False (MSRA: True). Use configs/SOLO/Base-SOLOv2.yaml's input settings."),
+])
+def test_checkpoint_into_a_model_with_other_input_conventions_is_an_error(checkpoint, config, message, tmp_path):
+    model = _build(config)
+    fake = _fake_checkpoint(checkpoint, model)
+    torch.save(fake, str(tmp_path / "reference.pth"))
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        DetectionCheckpointer(model).load(str(tmp_path / "reference.pth"))

@@ -245,9 +245,9 @@ def test_official_checkpoint_into_a_model_with_msra_input_conventions_is_an_erro
     path = str(tmp_path / "official.pth")
     torch.save(_fake_official_state_dict(model), path)
     message = ("official RDSNet checkpoint: the model takes its input otherwise than these weights were trained: "
-               "INPUT.FORMAT 'BGR' (mmdetection: 'RGB'); MODEL.PIXEL_STD [1, 1, 1] (mmdetection: ImageNet's, "
-               "[58.395, 57.12, 57.375]); MODEL.RESNETS.STRIDE_IN_1X1 True (mmdetection: False, the stride on the 3x3 "
-               "conv). Use configs/RDSNet/Base-RDSNet.yaml's input settings.")
+               "INPUT.FORMAT 'BGR' (torchvision: 'RGB'); MODEL.PIXEL_STD [1.0, 1.0, 1.0] (torchvision: ImageNet, "
+               "[58.395, 57.12, 57.375]); MODEL.RESNETS.STRIDE_IN_1X1 True (torchvision: False). Use "
+               "configs/RDSNet/Base-RDSNet.yaml's input settings.")
     with pytest.raises(RuntimeError, match=re.escape(message)):
         DetectionCheckpointer(model).load(path)
     # With the official conventions the same file loads.

@@ -184,8 +184,12 @@ def test_demo_gives_the_model_its_input_format(input_format, tmp_path):
     assert rgb[0, 0].tolist() == [255, 0, 0]
 
 
-def test_demo_inputs_with_one_output_name_are_an_error():
+def test_demo_inputs_with_one_output_name_are_an_error(tmp_path):
     demo = load_script("projects/demo.py")
+    # One file given twice (in its folder and by name) is one input, not a collision.
+    (tmp_path / "a.png").write_bytes(b"")
+    given = [str(tmp_path), str(tmp_path / "a.png"), f"{tmp_path}//a.png"]
+    assert demo.expand_inputs(given) == [str(tmp_path / "a.png")]
     assert demo.output_names(["a/x.png", "b/y.jpg"]) == ["x.png", "y.png"]
     with pytest.raises(ValueError, match=re.escape("'a/x.png' and 'b/x.jpg' would both be written to 'x.png'")):
         demo.output_names(["a/x.png", "b/x.jpg"])

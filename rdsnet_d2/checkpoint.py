@@ -70,8 +70,8 @@ def rename_official_rdsnet_keys(model, state_dict, prefix, error_msgs):
 
     ``model`` gives the anchor layout (``official_anchor_layout`` = (num_sizes, num_ratios)). Unknown
     official keys, shape mismatches and a model that takes its input otherwise than the official weights
-    expect (torchvision's: ``d2ext.layers.input_convention_mismatches``) go to ``error_msgs`` (``load_state_dict`` raises
-    them).
+    expect (torchvision's: ``d2ext.layers.input_convention_mismatches``) go to ``error_msgs``
+    (``load_state_dict`` raises them).
     """
     if not is_official_rdsnet_state_dict(state_dict, prefix):
         return

@@ -271,11 +271,12 @@ class SOLO(PixelNormalizationMixin, nn.Module):
 
             def cell_mask_probs(levels, cells, image=image):
                 # Every level, also those without candidates: the loop does not depend on the data (traces).
-                per_level = [self.mask_branch.mask_probs(mask_outputs, image, level, cells[levels == level], size)
-                             for level in range(len(self.num_grids))]
+                selected = [levels == level for level in range(len(self.num_grids))]
+                per_level = [self.mask_branch.mask_probs(mask_outputs, image, level, cells[chosen], size)
+                             for level, chosen in enumerate(selected)]
                 masks = per_level[0].new_zeros((cells.shape[0], *size))  # their dtype (half under autocast)
-                for level, probs in enumerate(per_level):
-                    masks[levels == level] = probs
+                for chosen, probs in zip(selected, per_level):
+                    masks[chosen] = probs
                 return masks
 
             masks, scores, classes = select_instances(

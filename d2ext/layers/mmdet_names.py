@@ -45,4 +45,3 @@ def mmdet_resnet_fpn_key(key, fpn_first_level=2):
             if pattern.match(rest):
                 return f"backbone.bottom_up.res{int(stage) + 1}.{index}.{pattern.sub(replacement, rest)}"
     return None
-

@@ -49,6 +49,20 @@ def build_tiny_model(cfg, seed=0):
     return build_model(cfg)
 
 
+def visible_blendmask_masks(model):
+    """Give a randomly initialised BlendMask masks that mask checks can see, in place; returns the model.
+
+    Random weights regress box distances near 0 (boxes of a few pixels) and blend negative mask logits,
+    so every pasted mask would be empty. A box-regression bias of 1 gives boxes about two strides wide,
+    and bases' biases of alternating sign leave each pixel to the attentions: masks fill part of their box.
+    """
+    torch.nn.init.constant_(model.proposal_generator.fcos_head.bbox_pred.bias, 1.0)
+    predictor = model.basis_module.tower[-1]
+    with torch.no_grad():
+        predictor.bias.copy_(torch.tensor([2.0 * (-1) ** k for k in range(predictor.out_channels)]))
+    return model
+
+
 def dataset_batch(cfg, dataset_name="synthetic_shapes_mini_train", indices=(0, 1), is_train=True):
     """Mapped inputs (list of dicts, as a data loader yields them) for the given dataset records.
 

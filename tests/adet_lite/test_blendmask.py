@@ -11,8 +11,9 @@ from adet_lite.blendmask import Blender, blend, blender_mask_loss
 from adet_lite.blendmask.basis_module import ProtoNet
 from adet_lite.blendmask.blendmask import thing_semantic_targets
 from d2ext.testing import (
-    assert_checkpoint_round_trip, assert_instance_predictions, assert_losses_fall, bilinear_resize_reference, build_tiny_model,
-    config_path, dataset_batch, loss_history, predict, tiny_cfg, train_step)
+    assert_instance_predictions, assert_losses_fall, assert_same_model, bilinear_resize_reference, build_tiny_model,
+    checkpoint_round_trip, config_path, dataset_batch, loss_history, predict, tiny_cfg, train_step,
+    visible_blendmask_masks)
 
 
 BLENDMASK_YAML = config_path("quickstart/blendmask_R18_synthetic.yaml")
@@ -202,14 +203,16 @@ def test_train_step_with_an_empty_image_and_no_positive():
 
 def test_inference_masks_at_original_size():
     cfg = tiny_cfg(BLENDMASK_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-    inputs, instances = predict(build_tiny_model(cfg), cfg, indices=(0, 1))
+    inputs, instances = predict(visible_blendmask_masks(build_tiny_model(cfg)), cfg, indices=(0, 1))
     for inp, inst in zip(inputs, instances):
         assert_instance_predictions(inst, inp["height"], inp["width"])
+        areas = inst.pred_masks.flatten(1).sum(dim=1)
+        assert (areas > 0).float().mean() > 0.5, areas  # the check below has pixels to look at
         # Pasted RoI masks: nothing outside the (scaled, clipped) box.
-        box = inst.pred_boxes.tensor[0]
-        outside = inst.pred_masks[0].clone()
-        outside[int(box[1]):int(math.ceil(box[3])) + 1, int(box[0]):int(math.ceil(box[2])) + 1] = False
-        assert not outside.any()
+        for box, mask in zip(inst.pred_boxes.tensor, inst.pred_masks):
+            outside = mask.clone()
+            outside[int(box[1]):int(math.ceil(box[3])) + 1, int(box[0]):int(math.ceil(box[2])) + 1] = False
+            assert not outside.any()
 
 
 def test_zero_detections():
@@ -243,7 +246,11 @@ def test_training_without_masks_is_a_clear_error():
 
 def test_checkpoint_round_trip(tmp_path):
     cfg = tiny_cfg(BLENDMASK_YAML, SMALL + ["MODEL.FCOS.INFERENCE_TH_TEST", 0.0])
-    assert_checkpoint_round_trip(cfg, str(tmp_path), fields=("pred_masks", "scores"))
+    model = visible_blendmask_masks(build_tiny_model(cfg))
+    train_step(model, dataset_batch(cfg))
+    loaded = checkpoint_round_trip(model.eval(), cfg, str(tmp_path))
+    assert_same_model(model, loaded, cfg, fields=("pred_masks", "scores"))
+    assert predict(loaded, cfg)[1][0].pred_masks.any()
 
 
 def test_overfit_losses_fall():

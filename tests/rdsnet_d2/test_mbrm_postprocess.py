@@ -14,7 +14,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from d2ext.testing import (assert_prediction_fields, build_tiny_model, config_path, dataset_batch, predict, tiny_cfg,
-                           train_step)
+                           train_step, visible_blendmask_masks)
 from rdsnet_d2 import MBRM, GeneralizedRCNNWithMBRM, refine_instances_with_mbrm
 from rdsnet_d2.mbrm import OFFICIAL_KERNEL
 from rdsnet_d2.mbrm_postprocess import pasted_mask_profiles
@@ -210,15 +210,17 @@ def test_mbrm_config_errors(config):
 
 
 def test_blendmask_with_mbrm_end_to_end():
-    plain = build_tiny_model(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS))
-    model = build_tiny_model(tiny_cfg(config_path(BLENDMASK_WITH_MBRM), BLENDMASK_OPTS))
+    plain = visible_blendmask_masks(build_tiny_model(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS)))
+    model = build_tiny_model(tiny_cfg(config_path(BLENDMASK_WITH_MBRM), BLENDMASK_OPTS))  # gets plain's weights
     assert isinstance(model.mbrm, MBRM) and not any(p.requires_grad for p in model.mbrm.parameters())
     inputs = dataset_batch(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS), is_train=False)
     assert min(assert_refined_like_reference(plain, model, inputs)) > 0
+    with torch.no_grad():
+        assert all(out["instances"].pred_masks.any() for out in plain.eval()(inputs))  # MBRM refined real masks
 
 
 def test_blendmask_with_mbrm_off_and_without_detections():
-    plain = build_tiny_model(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS)).eval()
+    plain = visible_blendmask_masks(build_tiny_model(tiny_cfg(config_path(BLENDMASK), BLENDMASK_OPTS))).eval()
     off = build_tiny_model(tiny_cfg(config_path(BLENDMASK_WITH_MBRM), BLENDMASK_OPTS + ["MODEL.MBRM.ENABLED", "False"]))
     assert off.mbrm is None and off.state_dict().keys() == plain.state_dict().keys()
     off.load_state_dict(plain.state_dict())
@@ -228,6 +230,7 @@ def test_blendmask_with_mbrm_off_and_without_detections():
     for field in ("pred_boxes", "scores", "pred_classes", "pred_masks"):
         value_a, value_b = a.get(field), b.get(field)
         assert torch.equal(getattr(value_a, "tensor", value_a), getattr(value_b, "tensor", value_b)), field
+    assert a.pred_masks.any()
     # N = 0 with MBRM on
     cfg = tiny_cfg(config_path(BLENDMASK_WITH_MBRM), BLENDMASK_OPTS + ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"])
     (inp,), (instances,) = predict(build_tiny_model(cfg), cfg)

@@ -3,9 +3,9 @@ no dtype mismatch between half-precision predictions and fp32 targets or buffers
 import pytest
 import torch
 
-from d2ext.testing import build_tiny_model, dataset_batch, train_step
+from d2ext.testing import assert_prediction_fields, build_tiny_model, dataset_batch, train_step
 
-from .test_user_errors import MODELS, model_cfg
+from .test_edge_cases import MODELS, sized_cfg
 
 # With the AdelaiDet keys BlendMask uses (Base-BlendMask.yaml): FCOS without its fp32 Scale layers.
 CASES = {**{name: (name, []) for name in MODELS},
@@ -15,12 +15,18 @@ CASES = {**{name: (name, []) for name in MODELS},
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_step_and_inference_under_autocast(case):
     name, opts = CASES[case]
-    cfg = model_cfg(name, opts)
+    cfg = sized_cfg(name, threshold=0.0, opts=opts)  # an untrained model detects something
     model = build_tiny_model(cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = train_step(model, dataset_batch(cfg))
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
         model.eval()
+        inputs = dataset_batch(cfg, is_train=False)
         with torch.no_grad():
-            outputs = model(dataset_batch(cfg, is_train=False))
-    assert len(outputs) == 2 and all("instances" in o for o in outputs)
+            outputs = model(inputs)
+    assert len(outputs) == 2
+    for inp, out in zip(inputs, outputs):
+        instances = out["instances"]
+        assert_prediction_fields(instances, inp["height"], inp["width"], masks=cfg.MODEL.MASK_ON)
+        assert torch.isfinite(instances.scores).all() and torch.isfinite(instances.pred_boxes.tensor).all()
+    assert sum(len(out["instances"]) for out in outputs) > 0, "the checks above need detections"

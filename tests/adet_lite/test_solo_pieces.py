@@ -11,6 +11,8 @@ from adet_lite.solo.losses import solo_category_loss, solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
 from adet_lite.solo.solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
 from adet_lite.solo.targets import assign_grid_targets
+from adet_lite.solo.towers import with_coordinates
+from d2ext.layers import coordinate_features
 from d2ext.testing import bilinear_resize_reference
 
 
@@ -205,8 +207,11 @@ def test_grid_assignment_matches_loop_reference(deduplicate):
                          dtype=torch.float32)
     classes = torch.tensor([0, 1, 2, 3, 1])
     grids, ranges = [8, 6], [(1, 12), (8, 64)]
+    # Level 0's mask canvas is a row taller and a column narrower than the 16 x 16 downsampled masks:
+    # targets are pasted top-left and cut at the canvas.
+    mask_sizes = [(17, 15), (8, 8)]
     targets = assign_grid_targets(masks, boxes, classes, num_classes=4, num_grids=grids, scale_ranges=ranges,
-                                  sigma=0.5, mask_sizes=[(16, 16), (8, 8)], mask_strides=[4, 8],
+                                  sigma=0.5, mask_sizes=mask_sizes, mask_strides=[4, 8],
                                   deduplicate_cells=deduplicate)
     for level, (num_grid, (low, high)) in enumerate(zip(grids, ranges)):
         expected_labels, expected_pairs = _reference_grid_targets(
@@ -218,9 +223,11 @@ def test_grid_assignment_matches_loop_reference(deduplicate):
         assert got_pairs == expected_pairs
         stride = [4, 8][level]
         for k, (_, n) in enumerate(got_pairs):
-            down = torch.nn.functional.interpolate(masks[n][None, None].float(), scale_factor=1 / stride,
-                                                   mode="bilinear", align_corners=False)[0, 0] >= 0.5
-            assert torch.equal(targets[level].masks[k].bool(), down)
+            down = bilinear_resize_reference(masks[n].float(), (size // stride, size // stride)) >= 0.5
+            expected = torch.zeros(mask_sizes[level], dtype=torch.bool)
+            h, w = min(expected.shape[0], down.shape[0]), min(expected.shape[1], down.shape[1])
+            expected[:h, :w] = down[:h, :w]
+            assert torch.equal(targets[level].masks[k].bool(), expected)
     # Level 0 sees instances 1 and 3 (scale 8 and 4), level 1 sees 0, 1 and 2 (ranges overlap).
     assert set(targets[0].gt_indices.tolist()) == {1, 3}
     assert set(targets[1].gt_indices.tolist()) == {0, 1, 2}
@@ -300,3 +307,13 @@ def test_select_instances_keeps_masks_larger_than_their_levels_minimum_area():
     masks, kept_scores, classes = select_instances(scores, [8, 12], cell_mask_probs, params)
     assert sorted((masks > 0.5).flatten(1).sum(dim=1).tolist()) == sorted(kept_areas) == [9, 30]
     assert classes.tolist() == [0, 0]
+
+
+def test_with_coordinates_appends_the_selected_channels_after_the_features():
+    features = torch.randn(2, 3, 4, 5)
+    both, only_y = with_coordinates(features), with_coordinates(features, which=(1,))
+    assert both.shape == (2, 5, 4, 5) and only_y.shape == (2, 4, 4, 5)
+    coords = coordinate_features(4, 5)  # x then y (tests/d2ext/test_coords.py)
+    for b in range(2):
+        assert torch.equal(both[b, :3], features[b]) and torch.equal(both[b, 3:], coords)
+        assert torch.equal(only_y[b, :3], features[b]) and torch.equal(only_y[b, 3], coords[1])

@@ -49,9 +49,11 @@ def test_mask_side_gets_each_positives_image_and_own_gt_index(monkeypatch):
         local = global_index - sum(sizes[:image])
         assert int(seen["images"][k]) == image and int(seen["gt"][k]) == local
         assert 0 <= local < sizes[image]
-        # the GT box FCOS assigned is the one the mask side crops
-        assert torch.equal(gt_instances[image].gt_boxes.tensor[local],
-                           torch.cat([gt.gt_boxes.tensor for gt in gt_instances])[global_index])
+        # the box FCOS regresses to from this location (distances in stride units) is the mask side's GT box
+        (x, y), stride = positives.locations[k].tolist(), model.proposal_generator.strides[positives.fpn_levels[k]]
+        left, top, right, bottom = (positives.reg_targets[k] * stride).tolist()
+        regressed = torch.tensor([x - left, y - top, x + right, y + bottom])
+        torch.testing.assert_close(regressed, gt_instances[image].gt_boxes.tensor[local], rtol=0, atol=1e-3)
 
 
 def test_train_step_and_inference():

@@ -31,6 +31,7 @@ MODELS = [
     ("solo", "configs/quickstart/solo_R18_FPN_synthetic.yaml"),
     ("solov2", "configs/quickstart/solov2_R18_FPN_synthetic.yaml"),
     ("solov2_bn_stride2", "configs/quickstart/solov2_R18_FPN_synthetic_bn_stride2.yaml"),
+    ("solov2_bn_stride2_relcoords", "configs/quickstart/solov2_R18_FPN_synthetic_bn_stride2_relcoords.yaml"),
     ("rdsnet", "configs/quickstart/rdsnet_R18_FPN_synthetic.yaml"),
     ("rdsnet_stride2", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2.yaml"),
     ("rdsnet_stride2_p2p6", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2_p2p6.yaml"),

@@ -2,10 +2,10 @@
 bias) with its image's pixel representations, all instances of a batch in one batched product."""
 import torch
 
-from d2ext.layers import stable_argsort
+from d2ext.layers import NUM_QUADRATIC_COORDINATE_TERMS, quadratic_coordinate_logits, stable_argsort
 
 # The box coordinate terms (MODEL.RDSNET.BOX_COORD_TERMS): x, y, x^2, y^2.
-NUM_BOX_COORD_TERMS = 4
+NUM_BOX_COORD_TERMS = NUM_QUADRATIC_COORDINATE_TERMS
 
 
 def object_rep_length(rep_dim, box_coord_terms):
@@ -51,10 +51,10 @@ def correlate(pixel_reps, object_reps, image_indices):
 
 
 def box_coordinate_logits(coefficients, boxes, height, width):
-    """Per instance and slot, sum_t c_t * term_t over the terms (x, y, x^2, y^2) of each pixel centre in
-    coordinates normalised to the instance's box: 0 at its centre, -1 and 1 at its sides (a half-size below
-    one pixel counts as one). Added to :func:`correlate`'s logits, it lets a mask favour part of its box, which
-    the translation-invariant correlation cannot (a same-class neighbour inside the box looks the same).
+    """Per instance and slot, :func:`d2ext.layers.quadratic_coordinate_logits` in coordinates normalised to the
+    instance's box: 0 at its centre, -1 and 1 at its sides (a half-size below one pixel counts as one). Added
+    to :func:`correlate`'s logits, it lets a mask favour part of its box, which the translation-invariant
+    correlation cannot (a same-class neighbour inside the box looks the same).
 
     Args:
         coefficients: (N, 2, 4) per instance and slot.
@@ -65,11 +65,6 @@ def box_coordinate_logits(coefficients, boxes, height, width):
     if coefficients.shape[1:] != (2, NUM_BOX_COORD_TERMS) or boxes.shape != (coefficients.shape[0], 4):
         raise ValueError(f"box_coordinate_logits: coefficients must be (N, 2, {NUM_BOX_COORD_TERMS}) and boxes "
                          f"(N, 4), got {tuple(coefficients.shape)} and {tuple(boxes.shape)}")
-    xs = torch.arange(width, device=boxes.device, dtype=boxes.dtype) + 0.5
-    ys = torch.arange(height, device=boxes.device, dtype=boxes.dtype) + 0.5
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     half_sizes = ((boxes[:, 2:] - boxes[:, :2]) / 2).clamp(min=1.0)
-    x = ((xs[None] - centres[:, :1]) / half_sizes[:, :1])[:, None, None, :]  # (N, 1, 1, W)
-    y = ((ys[None] - centres[:, 1:]) / half_sizes[:, 1:])[:, None, :, None]  # (N, 1, H, 1)
-    c = coefficients[..., None, None].unbind(dim=2)  # 4 x (N, 2, 1, 1)
-    return c[0] * x + c[1] * y + c[2] * x ** 2 + c[3] * y ** 2
+    return quadratic_coordinate_logits(coefficients, centres, half_sizes, height, width)

@@ -59,7 +59,7 @@ def _add_grid_head_keys(node, instance_channels, num_instance_convs):
 
 def add_solo_config(cfg):
     """Add MODEL.SOLO (SOLO, Decoupled SOLO, Decoupled SOLO Light) and MODEL.SOLOV2 (AdelaiDet's keys, plus
-    MASK_OUT_STRIDE)."""
+    MASK_OUT_STRIDE and RELATIVE_COORD_TERMS)."""
     cfg.MODEL.SOLO = CN()
     # Mask branch: "SOLO" (S^2 masks), "DecoupledSOLO" (X / Y towers), "DecoupledSOLOLight" (one tower).
     cfg.MODEL.SOLO.VARIANT = "SOLO"
@@ -85,6 +85,11 @@ def add_solo_config(cfg):
     # features' stride (4 with P2, the reference), or a divisor of it; the masks' logits are then upsampled
     # bilinearly by the ratio, as CondInst's MASK_OUT_STRIDE.
     cfg.MODEL.SOLOV2.MASK_OUT_STRIDE = 4
+    # Not an AdelaiDet key. The kernel branch also predicts, per cell, the coefficients of x, y, x^2, y^2 in
+    # coordinates relative to the cell's centre (adet_lite.solo.solov2_mask_branch.relative_coordinate_logits),
+    # added to the mask's logits: a mask can then favour the pixels near its cell over a same-class neighbour,
+    # which a 1x1 kernel on shared features cannot. False: SOLOv2 as published (and its checkpoints).
+    cfg.MODEL.SOLOV2.RELATIVE_COORD_TERMS = False
     return cfg
 
 

@@ -10,9 +10,10 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Instances
 
 from d2ext.config_checks import check_in_features, check_norm, check_values, one_of
-from d2ext.layers import (MSRA, TORCHVISION, PixelNormalizationMixin, check_gt_classes, check_input_conventions,
-                          ensure_gt_masks, mask_bounding_boxes, padded_bitmasks, postprocess_full_image_masks,
-                          postprocess_per_image, register_empty_load_check, rename_reference_keys)
+from d2ext.layers import (MSRA, NUM_QUADRATIC_COORDINATE_TERMS, TORCHVISION, PixelNormalizationMixin, check_gt_classes,
+                          check_input_conventions, ensure_gt_masks, mask_bounding_boxes, padded_bitmasks,
+                          postprocess_full_image_masks, postprocess_per_image, register_empty_load_check,
+                          rename_reference_keys)
 
 from ..mbrm import mbrm_options
 from .category_branch import CategoryBranch
@@ -189,6 +190,9 @@ class SOLO(PixelNormalizationMixin, nn.Module):
             convention, config = ((TORCHVISION, "configs/SOLO/Base-SOLO.yaml") if source == MMDET
                                   else (MSRA, "configs/SOLO/Base-SOLOv2.yaml"))
             check_input_conventions(self, convention, source, config, error_msgs)
+            if getattr(self.mask_branch, "relative_coord_terms", False):
+                error_msgs.append(f"{source} checkpoint: the released SOLOv2 has no relative coordinate terms; "
+                                  "set MODEL.SOLOV2.RELATIVE_COORD_TERMS False to load it")
             dropped = {k for k in local_keys if rename_reference_key(k, source) == ""}
             rename_reference_keys(self, state_dict, prefix, lambda key: rename_reference_key(key, source),
                                   error_msgs, source, ignored=dropped)
@@ -352,7 +356,8 @@ class SOLOv2(SOLO):
                              f"MASK_IN_FEATURES[0] ({node.MASK_IN_FEATURES[0]}), got {node.MASK_OUT_STRIDE}")
         kernel_branch = KernelBranch(
             in_channels=in_channels, channels=node.INSTANCE_CHANNELS, num_convs=node.NUM_INSTANCE_CONVS,
-            norm=node.NORM, num_grids=node.NUM_GRIDS, num_kernels=node.NUM_KERNELS,
+            norm=node.NORM, num_grids=node.NUM_GRIDS,
+            num_kernels=node.NUM_KERNELS + (NUM_QUADRATIC_COORDINATE_TERMS if node.RELATIVE_COORD_TERMS else 0),
             use_coordinates=node.USE_COORD_CONV)
         feature_branch = MaskFeatureBranch(
             in_channels=mask_in_channels, channels=node.MASK_CHANNELS, out_channels=node.NUM_MASKS,
@@ -365,7 +370,8 @@ class SOLOv2(SOLO):
                 norm=node.NORM, num_classes=node.NUM_CLASSES, num_grids=node.NUM_GRIDS, prior_prob=node.PRIOR_PROB),
             "mask_branch": SOLOv2MaskBranch(kernel_branch=kernel_branch, feature_branch=feature_branch,
                                             mask_in_features=node.MASK_IN_FEATURES,
-                                            upsample_factor=feature_stride // node.MASK_OUT_STRIDE),
+                                            upsample_factor=feature_stride // node.MASK_OUT_STRIDE,
+                                            relative_coord_terms=node.RELATIVE_COORD_TERMS),
             "mask_target_strides": [node.MASK_OUT_STRIDE] * len(node.NUM_GRIDS),
             "deduplicate_cells": False,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,

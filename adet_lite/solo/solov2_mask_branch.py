@@ -1,9 +1,10 @@
 """SOLOv2's mask branch: dynamic 1x1 kernels predicted per cell, applied to unified stride-4 mask features."""
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, get_norm
 
-from d2ext.layers import resize_soft_masks
+from d2ext.layers import NUM_QUADRATIC_COORDINATE_TERMS, quadratic_coordinate_logits, resize_soft_masks
 
 from .towers import conv_tower, init_conv, upsample2x, with_coordinates
 
@@ -65,20 +66,50 @@ class MaskFeatureBranch(nn.Module):
         return self.predictor(fused)
 
 
-class SOLOv2MaskBranch(nn.Module):
-    """Mask of cell c of level l of an image: sigmoid(<kernel_l[c], mask features at each pixel>)."""
+# Relative coordinate terms (MODEL.SOLOV2.RELATIVE_COORD_TERMS): offsets from the cell's centre in units of
+# this many cells (about the size of the objects a level's cells predict).
+RELATIVE_COORD_UNIT_CELLS = 4
 
-    def __init__(self, *, kernel_branch, feature_branch, mask_in_features, upsample_factor=1):
+
+def relative_coordinate_logits(coefficients, cells, num_grid, height, width):
+    """:func:`d2ext.layers.quadratic_coordinate_logits` around each cell's centre, in units of
+    ``RELATIVE_COORD_UNIT_CELLS`` cells per axis, on an (height, width) map covering the S x S grid.
+
+    Args:
+        coefficients: (K, 4) per cell.
+        cells: (K,) cells of the S x S grid (row-major).
+    Returns:
+        (K, height, width) logits.
+    """
+    rows = torch.div(cells, num_grid, rounding_mode="floor")
+    cols = cells - rows * num_grid
+    cell_size = torch.tensor([width / num_grid, height / num_grid], dtype=coefficients.dtype,
+                             device=coefficients.device)
+    centres = (torch.stack([cols, rows], dim=1).to(coefficients.dtype) + 0.5) * cell_size
+    scales = (RELATIVE_COORD_UNIT_CELLS * cell_size).expand_as(centres)
+    return quadratic_coordinate_logits(coefficients, centres, scales, height, width)
+
+
+class SOLOv2MaskBranch(nn.Module):
+    """Mask of cell c of level l of an image: sigmoid(<kernel_l[c], mask features at each pixel>), plus, with
+    ``relative_coord_terms``, the cell's :func:`relative_coordinate_logits` inside the sigmoid."""
+
+    def __init__(self, *, kernel_branch, feature_branch, mask_in_features, upsample_factor=1,
+                 relative_coord_terms=False):
         """
         Args:
             upsample_factor: masks are predicted at this many times the mask features' resolution
                 (their logits upsampled bilinearly); 1 in the reference.
+            relative_coord_terms: the kernel branch predicts 4 values per cell beyond the E of its kernel:
+                the coefficients of :func:`relative_coordinate_logits` (not in SOLOv2; see
+                ``MODEL.SOLOV2.RELATIVE_COORD_TERMS``).
         """
         super().__init__()
         self.kernel_branch = kernel_branch
         self.feature_branch = feature_branch
         self.mask_in_features = list(mask_in_features)
         self.upsample_factor = upsample_factor
+        self.relative_coord_terms = relative_coord_terms
 
     def forward(self, level_features, features):
         """
@@ -104,8 +135,14 @@ class SOLOv2MaskBranch(nn.Module):
         """(K,) cells -> (K, f * H, f * W) probabilities (f = ``upsample_factor``): dynamic 1x1 convs on
         the image's (E, H, W) mask features."""
         kernels, mask_features = outputs
-        cell_kernels = kernels[level][image].flatten(1)[:, cells].T  # (K, E)
+        cell_kernels = kernels[level][image].flatten(1)[:, cells].T  # (K, E) (+ 4 coefficients)
         feats = mask_features[image]
+        if self.relative_coord_terms:
+            cell_kernels, coefficients = cell_kernels.split(
+                [feats.shape[0], NUM_QUADRATIC_COORDINATE_TERMS], dim=1)
         logits = (cell_kernels @ feats.flatten(1)).view(-1, *feats.shape[-2:])
+        if self.relative_coord_terms:
+            logits = logits + relative_coordinate_logits(coefficients, cells, self.kernel_branch.num_grids[level],
+                                                         *feats.shape[-2:])
         logits = resize_soft_masks(logits, self._mask_size(feats))
         return resize_soft_masks(logits.sigmoid(), size)

@@ -1,7 +1,7 @@
 """Pieces shared by several methods (they exist once, here)."""
 from .conv import conv_norm_relu, conv_norm_relu_reference_key
 from .conv_at_cells import conv3x3_at_cells, is_conv3x3
-from .coords import coordinate_features
+from .coords import NUM_QUADRATIC_COORDINATE_TERMS, coordinate_features, quadratic_coordinate_logits
 from .fpn import LastLevelP6, fpn_top_block
 from .gt_checks import check_gt_classes
 from .gt_masks import ensure_gt_masks, mask_centroids, padded_bitmasks, semantic_targets
@@ -18,6 +18,7 @@ from .upsample import aligned_bilinear
 __all__ = [
     "LastLevelP6",
     "MSRA",
+    "NUM_QUADRATIC_COORDINATE_TERMS",
     "PixelNormalizationMixin",
     "ReferenceCheckpointMixin",
     "TORCHVISION",
@@ -44,6 +45,7 @@ __all__ = [
     "padded_bitmasks",
     "postprocess_full_image_masks",
     "postprocess_per_image",
+    "quadratic_coordinate_logits",
     "register_empty_load_check",
     "rename_reference_keys",
     "resize_soft_masks",

@@ -115,3 +115,12 @@ def test_checkpoint_into_a_model_with_other_input_conventions_is_an_error(checkp
     torch.save(fake, str(tmp_path / "reference.pth"))
     with pytest.raises(RuntimeError, match=re.escape(message)):
         DetectionCheckpointer(model).load(str(tmp_path / "reference.pth"))
+
+
+def test_released_solov2_into_a_model_with_relative_coordinate_terms_is_an_error(tmp_path):
+    """MODEL.SOLOV2.RELATIVE_COORD_TERMS (not AdelaiDet's) adds 4 kernel values per cell: the error names the key."""
+    model = build_tiny_model(tiny_cfg(config_path(CASES["adelaidet_solov2"][1]),
+                                      ["MODEL.SOLOV2.RELATIVE_COORD_TERMS", True]))
+    torch.save(_fake_checkpoint("adelaidet_solov2", model), str(tmp_path / "reference.pth"))
+    with pytest.raises(RuntimeError, match="set MODEL.SOLOV2.RELATIVE_COORD_TERMS False"):
+        DetectionCheckpointer(model).load(str(tmp_path / "reference.pth"))

@@ -23,6 +23,8 @@ VARIANTS = {
     "DecoupledSOLOLight": (SOLO_CFG, [*SMALL_SOLO, "MODEL.SOLO.VARIANT", "DecoupledSOLOLight"], "SOLO"),
     "SOLOv2": (SOLOV2_CFG, SMALL_SOLOV2, "SOLOV2"),
     "SOLOv2, stride-2 masks": (SOLOV2_CFG, [*SMALL_SOLOV2, "MODEL.SOLOV2.MASK_OUT_STRIDE", "2"], "SOLOV2"),
+    "SOLOv2, relative coordinate terms": (SOLOV2_CFG, [*SMALL_SOLOV2, "MODEL.SOLOV2.RELATIVE_COORD_TERMS", "True"],
+                                          "SOLOV2"),
 }
 # Random weights give no detection at the released thresholds: accept every candidate.
 ACCEPT_ALL = ["SCORE_THR", "0.0", "MASK_THR", "0.00001", "UPDATE_THR", "0.0"]
@@ -139,7 +141,7 @@ def test_area_filter_counts_pixels_of_stride_4_masks_at_any_mask_stride(monkeypa
         assert min_areas[-1] == [s * pixels_per_stride_4_pixel for s in model.instance_strides]
 
 
-@pytest.mark.parametrize("variant", ["SOLOv2"])
+@pytest.mark.parametrize("variant", ["SOLOv2", "SOLOv2, relative coordinate terms"])
 def test_checkpoint_round_trip(variant, tmp_path):
     cfg = _cfg(variant, _accept_all(variant))
     model = build_tiny_model(cfg)

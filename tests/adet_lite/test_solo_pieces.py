@@ -257,16 +257,18 @@ def test_decoupled_cell_mask_is_row_y_times_column_x(shared_tower):
         assert torch.allclose(probs[k], expected)
 
 
-@pytest.mark.parametrize("upsample_factor", [1, 2])
-def test_solov2_cell_mask_is_its_kernel_applied_to_the_mask_features(upsample_factor):
+@pytest.mark.parametrize("upsample_factor, relative_coord_terms", [(1, False), (2, False), (2, True)])
+def test_solov2_cell_mask_is_its_kernel_applied_to_the_mask_features(upsample_factor, relative_coord_terms):
+    """sigmoid(kernel . features) per pixel, plus with ``relative_coord_terms`` the cell's 4 coefficients times
+    x, y, x^2, y^2: the pixel centre's offset from the cell centre in units of 4 cells."""
     torch.manual_seed(0)
     num_kernels = 6
     branch = SOLOv2MaskBranch(
         kernel_branch=KernelBranch(in_channels=8, channels=8, num_convs=1, norm="", num_grids=[5, 3],
-                                   num_kernels=num_kernels, use_coordinates=True),
+                                   num_kernels=num_kernels + (4 if relative_coord_terms else 0), use_coordinates=True),
         feature_branch=MaskFeatureBranch(in_channels=8, channels=8, out_channels=num_kernels, num_levels=2,
                                          norm="", use_coordinates=True),
-        mask_in_features=["p2", "p3"], upsample_factor=upsample_factor)
+        mask_in_features=["p2", "p3"], upsample_factor=upsample_factor, relative_coord_terms=relative_coord_terms)
     for parameter in branch.parameters():  # the N(0, 0.01) initialisation gives logits of about 0
         torch.nn.init.normal_(parameter, std=0.5)
     features = {"p2": torch.randn(2, 8, 6, 8), "p3": torch.randn(2, 8, 3, 4)}
@@ -278,10 +280,16 @@ def test_solov2_cell_mask_is_its_kernel_applied_to_the_mask_features(upsample_fa
     assert probs.shape == (3, 6 * upsample_factor, 8 * upsample_factor)
     for k, cell in enumerate(cells.tolist()):
         row, col = cell // 3, cell % 3
+        kernel = kernels[1][1, :, row, col]
         logits = torch.zeros(6, 8)
         for y in range(6):
             for x in range(8):
-                logits[y, x] = sum(kernels[1][1, e, row, col] * mask_features[1, e, y, x] for e in range(num_kernels))
+                logits[y, x] = sum(kernel[e] * mask_features[1, e, y, x] for e in range(num_kernels))
+                if relative_coord_terms:  # cells of 8 / 3 x 6 / 3 feature pixels
+                    dx = (x + 0.5 - (col + 0.5) * 8 / 3) / (4 * 8 / 3)
+                    dy = (y + 0.5 - (row + 0.5) * 6 / 3) / (4 * 6 / 3)
+                    a = kernel[num_kernels:]
+                    logits[y, x] += a[0] * dx + a[1] * dy + a[2] * dx * dx + a[3] * dy * dy
         if upsample_factor == 2:
             logits = bilinear_resize_reference(logits, (6 * upsample_factor, 8 * upsample_factor))
         assert torch.allclose(probs[k], logits.sigmoid(), atol=1e-6)

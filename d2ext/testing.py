@@ -148,12 +148,22 @@ def checkpoint_round_trip(model, cfg, directory):
     return other
 
 
-def assert_checkpoint_round_trip(cfg, directory, fields=("scores",)):
+def assert_checkpoint_round_trip(cfg, directory, fields=("scores",), prepare=None):
     """Train a tiny model one step (BN statistics leave their init), save it and load it into a newly
-    initialised model (``checkpoint_round_trip``), then ``assert_same_model`` on ``fields``."""
+    initialised model (``checkpoint_round_trip``), then ``assert_same_model`` on ``fields``; with
+    ``pred_masks`` among them, the masks compared must have pixels.
+
+    Args:
+        prepare: ``f(model)`` applied to the model after it is built (e.g. :func:`visible_blendmask_masks`).
+    """
     model = build_tiny_model(cfg)
+    if prepare is not None:
+        prepare(model)
     train_step(model, dataset_batch(cfg))
-    assert_same_model(model, checkpoint_round_trip(model.eval(), cfg, directory), cfg, fields)
+    loaded = checkpoint_round_trip(model.eval(), cfg, directory)
+    assert_same_model(model, loaded, cfg, fields)
+    if "pred_masks" in fields:
+        assert predict(loaded, cfg)[1][0].pred_masks.any()
 
 
 def read_reference_keys(relative):

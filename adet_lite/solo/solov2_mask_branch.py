@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from detectron2.layers import Conv2d, get_norm
+from detectron2.layers.wrappers import shapes_to_tensor
 
 from d2ext.layers import NUM_QUADRATIC_COORDINATE_TERMS, quadratic_coordinate_logits, resize_soft_masks
 
@@ -11,7 +12,8 @@ from .towers import conv_tower, init_conv, upsample2x, with_coordinates
 
 class KernelBranch(nn.Module):
     """Per level: CoordConv channels appended at the level's resolution, resized to S x S, a conv tower
-    and a 3x3 conv predicting an E-dimensional kernel per cell."""
+    and a 3x3 conv predicting ``num_kernels`` values per cell: the E-dimensional kernel (+ 4 coefficients with
+    :class:`SOLOv2MaskBranch`'s ``relative_coord_terms``)."""
 
     def __init__(self, *, in_channels, channels, num_convs, norm, num_grids, num_kernels, use_coordinates):
         super().__init__()
@@ -21,7 +23,7 @@ class KernelBranch(nn.Module):
         self.predictor = init_conv(Conv2d(channels, num_kernels, kernel_size=3, padding=1))
 
     def forward(self, level_features):
-        """per level (B, C, H_l, W_l) -> per level (B, E, S_l, S_l) kernels."""
+        """per level (B, C, H_l, W_l) -> per level (B, num_kernels, S_l, S_l) kernels."""
         outputs = []
         for x, num_grid in zip(level_features, self.num_grids):
             if self.use_coordinates:
@@ -83,9 +85,10 @@ def relative_coordinate_logits(coefficients, cells, num_grid, height, width):
     """
     rows = torch.div(cells, num_grid, rounding_mode="floor")
     cols = cells - rows * num_grid
-    cell_size = torch.tensor([width / num_grid, height / num_grid], dtype=coefficients.dtype,
-                             device=coefficients.device)
-    centres = (torch.stack([cols, rows], dim=1).to(coefficients.dtype) + 0.5) * cell_size
+    # float32 whatever the coefficients' dtype (a bfloat16 grid is off by pixels at 300 columns), and from the
+    # traced sizes when exported (a constant would hold for the traced image size only).
+    cell_size = shapes_to_tensor([width, height], coefficients.device).float() / num_grid
+    centres = (torch.stack([cols, rows], dim=1).float() + 0.5) * cell_size
     scales = (RELATIVE_COORD_UNIT_CELLS * cell_size).expand_as(centres)
     return quadratic_coordinate_logits(coefficients, centres, scales, height, width)
 
@@ -117,7 +120,8 @@ class SOLOv2MaskBranch(nn.Module):
             level_features: per instance level (B, C, H_l, W_l) (resized as in SOLO).
             features: the backbone's dict of FPN maps (``MASK_IN_FEATURES`` are read from it).
         Returns:
-            (per level (B, E, S_l, S_l) kernels, (B, E, H, W) mask features at stride 4).
+            (per level (B, E, S_l, S_l) kernels (E + 4 values with ``relative_coord_terms``), (B, E, H, W) mask
+            features at stride 4).
         """
         kernels = self.kernel_branch(level_features)
         mask_features = self.feature_branch([features[name] for name in self.mask_in_features])
@@ -133,13 +137,14 @@ class SOLOv2MaskBranch(nn.Module):
 
     def mask_probs(self, outputs, image, level, cells, size=None):
         """(K,) cells -> (K, f * H, f * W) probabilities (f = ``upsample_factor``): dynamic 1x1 convs on
-        the image's (E, H, W) mask features."""
+        the image's (E, H, W) mask features, plus the cells' :func:`relative_coordinate_logits` with
+        ``relative_coord_terms``."""
         kernels, mask_features = outputs
         cell_kernels = kernels[level][image].flatten(1)[:, cells].T  # (K, E) (+ 4 coefficients)
         feats = mask_features[image]
         if self.relative_coord_terms:
-            cell_kernels, coefficients = cell_kernels.split(
-                [feats.shape[0], NUM_QUADRATIC_COORDINATE_TERMS], dim=1)
+            num_terms = NUM_QUADRATIC_COORDINATE_TERMS
+            cell_kernels, coefficients = cell_kernels[:, :-num_terms], cell_kernels[:, -num_terms:]
         logits = (cell_kernels @ feats.flatten(1)).view(-1, *feats.shape[-2:])
         if self.relative_coord_terms:
             logits = logits + relative_coordinate_logits(coefficients, cells, self.kernel_branch.num_grids[level],

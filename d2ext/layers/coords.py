@@ -22,7 +22,8 @@ def quadratic_coordinate_logits(coefficients, centres, scales, height, width):
 
     Args:
         coefficients: (N, ..., 4) per instance (and any further dims, e.g. RDSNet's two slots).
-        centres: (N, 2) (x, y) in pixels of the map, whose pixel i has its centre at i + 0.5.
+        centres: (N, 2) (x, y) in pixels of the map, whose pixel i has its centre at i + 0.5. The pixel grid
+            takes their dtype and device.
         scales: (N, 2) positive (x, y) units of the relative coordinates, in pixels.
     Returns:
         (N, ..., height, width) logits.

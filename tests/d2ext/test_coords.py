@@ -41,4 +41,5 @@ def test_quadratic_coordinate_logits_match_loop(slots):
                     expected = (c[0] * x + c[1] * y + c[2] * x * x + c[3] * y * y).item()
                     got = logits[n, i, j] if slot is None else logits[n, slot, i, j]
                     assert got.item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
-    assert quadratic_coordinate_logits(coefficients[:0], centres[:0], scales[:0], 6, 5).shape[-2:] == (6, 5)
+    empty = quadratic_coordinate_logits(coefficients[:0], centres[:0], scales[:0], 6, 5)
+    assert empty.shape == (0, *coefficients.shape[1:-1], 6, 5)

@@ -190,7 +190,7 @@ def test_polygon_with_fewer_than_3_points_is_a_clear_error(mask_format, size, tm
     DatasetCatalog.register(name, lambda: [record])
     try:
         cfg = sized_cfg("solo", opts=["INPUT.MASK_FORMAT", mask_format, "DATASETS.TRAIN", (name,),
-                                 "SOLVER.IMS_PER_BATCH", 1])
+                                      "SOLVER.IMS_PER_BATCH", 1])
         message = f"{re.escape(record['file_name'])}: annotation 1 .* polygon 0 of {size} coordinates"
         with pytest.raises(ValueError, match=message):
             next(iter(Trainer.build_train_loader(cfg)))
@@ -310,9 +310,9 @@ NUMBER = r"(np\.float64\()?{}"  # a value in Detectron2's loss-dict message (Num
 
 def _trainer(name, directory):
     """``d2ext.engine.Trainer`` (as ``projects/train_net.py`` builds it) of a test-sized model on the mini split."""
-    return Trainer(sized_cfg(name, opts=["OUTPUT_DIR", str(directory), "DATASETS.TRAIN", (DATASET,), "DATASETS.TEST", (),
-                                    "SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", (96,),
-                                    "INPUT.MAX_SIZE_TRAIN", 144]))
+    return Trainer(sized_cfg(name, opts=["OUTPUT_DIR", str(directory), "DATASETS.TRAIN", (DATASET,),
+                                         "DATASETS.TEST", (), "SOLVER.IMS_PER_BATCH", 2,
+                                         "INPUT.MIN_SIZE_TRAIN", (96,), "INPUT.MAX_SIZE_TRAIN", 144]))
 
 
 def _run_step_raises_floating_point_error(trainer):

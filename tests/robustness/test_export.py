@@ -46,6 +46,8 @@ MODELS = {
     "solo": ("solo_R18_FPN_synthetic.yaml", _solo("SOLO", 0.013)),
     "decoupled_solo": ("solo_R18_FPN_synthetic.yaml", _solo("SOLO", 0.013, "MODEL.SOLO.VARIANT", "DecoupledSOLO")),
     "solov2": ("solov2_R18_FPN_synthetic.yaml", _solo("SOLOV2", 0.016)),
+    "solov2_relative_coord_terms": ("solov2_R18_FPN_synthetic.yaml",
+                                    _solo("SOLOV2", 0.016, "MODEL.SOLOV2.RELATIVE_COORD_TERMS", True)),
     "rdsnet": ("rdsnet_R18_FPN_synthetic.yaml", ["MODEL.RETINANET.SCORE_THRESH_TEST", 0.016,
                                                  "TEST.DETECTIONS_PER_IMAGE", 1000]),
     "rdsnet_fcos": ("rdsnet_fcos_R18_synthetic.yaml", ["MODEL.FCOS.INFERENCE_TH_TEST", 0.007,

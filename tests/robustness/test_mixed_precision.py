@@ -9,7 +9,8 @@ from .test_edge_cases import MODELS, sized_cfg
 
 # With the AdelaiDet keys BlendMask uses (Base-BlendMask.yaml): FCOS without its fp32 Scale layers.
 CASES = {**{name: (name, []) for name in MODELS},
-         "blendmask_without_fcos_scales": ("blendmask", ["MODEL.FCOS.USE_SCALE", False])}
+         "blendmask_without_fcos_scales": ("blendmask", ["MODEL.FCOS.USE_SCALE", False]),
+         "solov2_relative_coord_terms": ("solov2", ["MODEL.SOLOV2.RELATIVE_COORD_TERMS", True])}
 
 
 @pytest.mark.parametrize("case", list(CASES))

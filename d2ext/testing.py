@@ -125,13 +125,16 @@ def predict(model, cfg, indices=(0,)):
 
 def assert_same_model(model, other, cfg, fields=("scores",)):
     """Equal state dicts (names and values), and equal predictions on the first image in ``fields``
-    (``pred_boxes`` compares its tensor), with at least one detection."""
+    (``pred_boxes`` compares its tensor), with at least one detection; with ``pred_masks`` among them, the
+    masks compared must have pixels."""
     ours, theirs = model.state_dict(), other.state_dict()
     assert ours.keys() == theirs.keys()
     for name, value in ours.items():
         assert torch.equal(value, theirs[name]), name
     a, b = predict(model, cfg)[1][0], predict(other, cfg)[1][0]
     assert len(a) > 0
+    if "pred_masks" in fields:
+        assert a.pred_masks.any(), "the masks compared are empty"
     for field in fields:
         value_a, value_b = a.get(field), b.get(field)
         assert torch.equal(getattr(value_a, "tensor", value_a), getattr(value_b, "tensor", value_b)), field
@@ -150,8 +153,7 @@ def checkpoint_round_trip(model, cfg, directory):
 
 def assert_checkpoint_round_trip(cfg, directory, fields=("scores",), prepare=None):
     """Train a tiny model one step (BN statistics leave their init), save it and load it into a newly
-    initialised model (``checkpoint_round_trip``), then ``assert_same_model`` on ``fields``; with
-    ``pred_masks`` among them, the masks compared must have pixels.
+    initialised model (``checkpoint_round_trip``), then ``assert_same_model`` on ``fields``.
 
     Args:
         prepare: ``f(model)`` applied to the model after it is built (e.g. :func:`visible_blendmask_masks`).
@@ -160,10 +162,7 @@ def assert_checkpoint_round_trip(cfg, directory, fields=("scores",), prepare=Non
     if prepare is not None:
         prepare(model)
     train_step(model, dataset_batch(cfg))
-    loaded = checkpoint_round_trip(model.eval(), cfg, directory)
-    assert_same_model(model, loaded, cfg, fields)
-    if "pred_masks" in fields:
-        assert predict(loaded, cfg)[1][0].pred_masks.any()
+    assert_same_model(model, checkpoint_round_trip(model.eval(), cfg, directory), cfg, fields)
 
 
 def read_reference_keys(relative):

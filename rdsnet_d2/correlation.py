@@ -4,14 +4,11 @@ import torch
 
 from d2ext.layers import NUM_QUADRATIC_COORDINATE_TERMS, quadratic_coordinate_logits, stable_argsort
 
-# The box coordinate terms (MODEL.RDSNET.BOX_COORD_TERMS): x, y, x^2, y^2.
-NUM_BOX_COORD_TERMS = NUM_QUADRATIC_COORDINATE_TERMS
-
 
 def object_rep_length(rep_dim, box_coord_terms):
     """Values per slot of an object representation: d (``rep_dim``), plus the box coordinate terms'
     coefficients when ``box_coord_terms``."""
-    return rep_dim + (NUM_BOX_COORD_TERMS if box_coord_terms else 0)
+    return rep_dim + (NUM_QUADRATIC_COORDINATE_TERMS if box_coord_terms else 0)
 
 
 def correlate(pixel_reps, object_reps, image_indices):
@@ -62,8 +59,9 @@ def box_coordinate_logits(coefficients, boxes, height, width):
     Returns:
         (N, 2, height, width) logits.
     """
-    if coefficients.shape[1:] != (2, NUM_BOX_COORD_TERMS) or boxes.shape != (coefficients.shape[0], 4):
-        raise ValueError(f"box_coordinate_logits: coefficients must be (N, 2, {NUM_BOX_COORD_TERMS}) and boxes "
+    num_terms = NUM_QUADRATIC_COORDINATE_TERMS
+    if coefficients.shape[1:] != (2, num_terms) or boxes.shape != (coefficients.shape[0], 4):
+        raise ValueError(f"box_coordinate_logits: coefficients must be (N, 2, {num_terms}) and boxes "
                          f"(N, 4), got {tuple(coefficients.shape)} and {tuple(boxes.shape)}")
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
     half_sizes = ((boxes[:, 2:] - boxes[:, :2]) / 2).clamp(min=1.0)

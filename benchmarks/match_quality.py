@@ -133,8 +133,9 @@ def main():
     for name, selected in groups:
         if not selected.any():
             continue
-        print(f"  {name:11s} {selected.sum():4d} instances  best IoU {best[selected].mean():.3f}  recall@0.75 "
-              f"{(best[selected] >= 0.75).mean():.3f}  outside {np.nanmean(outside[selected]):.3f}"
+        print(f"  {name:11s} {selected.sum():4d} instances  best IoU {best[selected].mean():.3f}"
+              f"  recall@0.5 {(best[selected] >= 0.5).mean():.3f}  recall@0.75 {(best[selected] >= 0.75).mean():.3f}"
+              f"  outside {np.nanmean(outside[selected]):.3f}"
               f" (on others {np.nanmean(on_others[selected]):.3f})  missed {np.nanmean(missed[selected]):.3f}")
 
 

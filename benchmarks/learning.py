@@ -32,6 +32,8 @@ MODELS = [
     ("solov2", "configs/quickstart/solov2_R18_FPN_synthetic.yaml"),
     ("solov2_bn_stride2", "configs/quickstart/solov2_R18_FPN_synthetic_bn_stride2.yaml"),
     ("solov2_bn_stride2_relcoords", "configs/quickstart/solov2_R18_FPN_synthetic_bn_stride2_relcoords.yaml"),
+    ("solov2_bn_stride2_relcoords_refgrids",
+     "configs/quickstart/solov2_R18_FPN_synthetic_bn_stride2_relcoords_refgrids.yaml"),
     ("rdsnet", "configs/quickstart/rdsnet_R18_FPN_synthetic.yaml"),
     ("rdsnet_stride2", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2.yaml"),
     ("rdsnet_stride2_p2p6", "configs/quickstart/rdsnet_R18_FPN_synthetic_stride2_p2p6.yaml"),

@@ -55,6 +55,12 @@ def _add_grid_head_keys(node, instance_channels, num_instance_convs):
     node.LOSS.FOCAL_WEIGHT = 1.0
     # Weight of the mask (Dice) loss.
     node.LOSS.DICE_WEIGHT = 3.0
+    # Not an AdelaiDet or mmdetection key. Mask targets are the fraction of each target pixel the instance
+    # covers (area downsampling of its full-resolution mask) instead of that fraction binarised at >= 0.5 (the
+    # references): binarising at the mask stride moves the boundary by up to half a target pixel, outwards
+    # where the fraction is exactly 0.5, which costs small objects most. The Dice loss is minimal where the
+    # probabilities equal the fractions, so the 0.5 threshold at test finds the boundary.
+    node.LOSS.COVERAGE_MASK_TARGETS = False
 
 
 def add_solo_config(cfg):

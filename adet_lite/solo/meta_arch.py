@@ -55,6 +55,7 @@ def _grid_options(node, node_name, requirements):
         "focal_gamma": node.LOSS.FOCAL_GAMMA,
         "focal_weight": node.LOSS.FOCAL_WEIGHT,
         "dice_weight": node.LOSS.DICE_WEIGHT,
+        "coverage_mask_targets": node.LOSS.COVERAGE_MASK_TARGETS,
         "inference_params": GridInferenceParams(
             score_threshold=node.SCORE_THR, mask_threshold=node.MASK_THR, nms_pre=node.NMS_PRE,
             nms_type=node.NMS_TYPE, nms_kernel=node.NMS_KERNEL, nms_sigma=node.NMS_SIGMA,
@@ -109,6 +110,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         focal_weight,
         dice_weight,
         inference_params,
+        coverage_mask_targets=False,
         pixel_mean,
         pixel_std,
         input_format="BGR",
@@ -144,6 +146,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         self.focal_gamma = focal_gamma
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
+        self.coverage_mask_targets = coverage_mask_targets
         self.inference_params = inference_params
         self.mbrm = mbrm
         self.mbrm_chunk_size = mbrm_chunk_size
@@ -241,7 +244,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
                 instances.gt_boxes.tensor, instances.gt_classes,
                 num_classes=self.num_classes, num_grids=self.num_grids, scale_ranges=self.scale_ranges,
                 sigma=self.sigma, mask_sizes=mask_sizes, mask_strides=self.mask_target_strides,
-                deduplicate_cells=self.deduplicate_cells)
+                deduplicate_cells=self.deduplicate_cells, coverage_mask_targets=self.coverage_mask_targets)
             for level, level_targets in enumerate(targets):
                 category_labels[level].append(level_targets.labels)
                 mask_probs.append(self.mask_branch.mask_probs(mask_outputs, image, level, level_targets.cells))

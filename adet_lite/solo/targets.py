@@ -14,7 +14,7 @@ class GridTargets:
 
     labels: (S*S,) int64 class of each cell; ``num_classes`` means background.
     cells: (P,) positive cells. gt_indices: (P,) the instance each positive cell predicts.
-    masks: (P, h, w) float 0/1 mask targets at the level's mask resolution.
+    masks: (P, h, w) float mask targets at the level's mask resolution: 0/1, or coverage fractions.
     """
 
     labels: torch.Tensor
@@ -28,17 +28,23 @@ def _grid_index(coordinate, extent, num_grid):
     return torch.div(coordinate / extent, 1.0 / num_grid, rounding_mode="trunc").long()
 
 
-def rescale_masks(masks, stride, size):
-    """Downsample (N, H, W) binary masks of the padded image by ``stride`` (bilinear, > = 0.5) and paste
-    them at the top-left of an ``size`` = (h, w) canvas. Returns (N, h, w) float."""
+def rescale_masks(masks, stride, size, coverage=False):
+    """Downsample (N, H, W) binary masks of the padded image by ``stride`` and paste them at the top-left of
+    a ``size`` = (h, w) canvas: bilinear, >= 0.5 (the reference), or with ``coverage`` the fraction of each
+    target pixel the mask covers (area interpolation), whose 0.5 level is the mask's boundary where
+    binarising moves it by up to half a target pixel. Returns (N, h, w) float."""
     num, height, width = masks.shape
     scaled_size = (int(height / stride + 0.5), int(width / stride + 0.5))
     canvas = masks.new_zeros((num, *size), dtype=torch.float32)
     if num == 0:
         return canvas
-    scaled = F.interpolate(masks[:, None].float(), size=scaled_size, mode="bilinear", align_corners=False)[:, 0]
+    if coverage:
+        scaled = F.interpolate(masks[:, None].float(), size=scaled_size, mode="area")[:, 0]
+    else:
+        scaled = F.interpolate(masks[:, None].float(), size=scaled_size, mode="bilinear", align_corners=False)[:, 0]
+        scaled = (scaled >= 0.5).float()
     h, w = min(size[0], scaled_size[0]), min(size[1], scaled_size[1])
-    canvas[:, :h, :w] = (scaled[:, :h, :w] >= 0.5).float()
+    canvas[:, :h, :w] = scaled[:, :h, :w]
     return canvas
 
 
@@ -54,6 +60,7 @@ def assign_grid_targets(
     mask_sizes: Sequence[Tuple[int, int]],
     mask_strides: Sequence[float],
     deduplicate_cells: bool,
+    coverage_mask_targets: bool = False,
 ) -> List[GridTargets]:
     """Targets of one image on every level.
 
@@ -68,6 +75,7 @@ def assign_grid_targets(
         gt_boxes: (N, 4) boxes (x1, y1, x2, y2) in input pixels.
         gt_classes: (N,) classes in [0, num_classes).
         mask_sizes: (h, w) of each level's predicted masks; mask_strides: their stride on the input.
+        coverage_mask_targets: mask targets as coverage fractions instead of 0/1 (see :func:`rescale_masks`).
     Returns:
         one ``GridTargets`` per level.
     """
@@ -116,7 +124,7 @@ def assign_grid_targets(
         else:
             cells, gt_indices = pair_cells, pair_gts
 
-        level_masks = rescale_masks(gt_masks[hit], mask_stride, mask_size)
+        level_masks = rescale_masks(gt_masks[hit], mask_stride, mask_size, coverage=coverage_mask_targets)
         # Position of each instance within ``hit`` (hit is sorted, so searchsorted finds it).
         masks = level_masks[torch.searchsorted(hit, gt_indices)]
         targets.append(GridTargets(labels, cells, gt_indices, masks))

@@ -235,6 +235,31 @@ def test_grid_assignment_matches_loop_reference(deduplicate):
     assert targets[1].labels[1 * 6 + 1].item() == 1
 
 
+def test_coverage_mask_targets_are_block_fractions():
+    """COVERAGE_MASK_TARGETS: each target pixel is the fraction of its stride x stride block the mask covers
+    (a loop over the blocks); the binarised targets set a block that is exactly half covered."""
+    size, stride = 32, 4
+    masks = torch.zeros(2, size, size, dtype=torch.bool)
+    masks[0, 5:19, 6:23] = True            # sides off the block grid: partly covered blocks on every side
+    masks[1, 9:31, 2:11] = True
+    boxes = torch.tensor([[6, 5, 23, 19], [2, 9, 11, 31]], dtype=torch.float32)
+    common = dict(num_classes=2, num_grids=[4], scale_ranges=[(1, 64)], sigma=0.2, mask_sizes=[(9, 7)],
+                  mask_strides=[stride], deduplicate_cells=True)
+    coverage = assign_grid_targets(masks, boxes, torch.tensor([0, 1]), coverage_mask_targets=True, **common)[0]
+    binary = assign_grid_targets(masks, boxes, torch.tensor([0, 1]), **common)[0]
+    assert coverage.gt_indices.tolist() == binary.gt_indices.tolist() and coverage.gt_indices.numel() > 0
+    for k, n in enumerate(coverage.gt_indices.tolist()):
+        expected = torch.zeros(9, 7)
+        for i in range(size // stride):
+            for j in range(7):  # the canvas is a row taller and a column narrower than the 8 x 8 blocks
+                block = masks[n, i * stride:(i + 1) * stride, j * stride:(j + 1) * stride]
+                expected[i, j] = block.float().mean()
+        assert torch.allclose(coverage.masks[k], expected)
+        assert set(binary.masks[k].unique().tolist()) <= {0.0, 1.0}
+    half = coverage.masks == 0.5
+    assert half.any() and (binary.masks[half] == 1).all()
+
+
 def test_grid_assignment_without_instances():
     targets = assign_grid_targets(torch.zeros(0, 32, 32, dtype=torch.bool), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long),
                                   num_classes=3, num_grids=[4], scale_ranges=[(1, 64)], sigma=0.2,

@@ -7,7 +7,7 @@ meta-architectures and the ``build_rdsnet_resnet_fpn_backbone`` backbone with De
 from . import backbone as _backbone  # noqa: F401  (registers build_rdsnet_resnet_fpn_backbone)
 from .config import add_rdsnet_config
 from .correlation import correlate
-from .cropping import crop_masks, expanded_crop_boxes
+from .cropping import crop_axes, crop_masks, expanded_crop_boxes
 from .fcos_object_stream import RDSNetFCOS
 from .mask_loss import ohem_mask_loss
 from .mbrm import MBRM
@@ -15,6 +15,6 @@ from .mbrm_postprocess import (GeneralizedRCNNWithMBRM, detector_postprocess_wit
                                refine_instances_with_mbrm)
 from .rdsnet import RDSNet
 
-__all__ = ["MBRM", "GeneralizedRCNNWithMBRM", "RDSNet", "RDSNetFCOS", "add_rdsnet_config", "correlate", "crop_masks",
-           "detector_postprocess_with_mbrm", "expanded_crop_boxes", "ohem_mask_loss", "pasted_mask_profiles",
-           "refine_instances_with_mbrm"]
+__all__ = ["MBRM", "GeneralizedRCNNWithMBRM", "RDSNet", "RDSNetFCOS", "add_rdsnet_config", "correlate", "crop_axes",
+           "crop_masks", "detector_postprocess_with_mbrm", "expanded_crop_boxes", "ohem_mask_loss",
+           "pasted_mask_profiles", "refine_instances_with_mbrm"]

@@ -29,10 +29,17 @@ def expanded_crop_boxes(boxes, expand, height, width):
     return crop.long()  # the cast truncates toward zero (ONNX has no trunc op)
 
 
-def crop_masks(crop_boxes, height, width):
-    """(N, 4) long crop boxes -> (N, H, W) bool, True inside the crop."""
+def crop_axes(crop_boxes, height, width):
+    """(N, 4) long crop boxes -> which rows (N, H) and which columns (N, W) bool lie inside each crop: a crop
+    mask is their outer product (:func:`crop_masks`), which inference forms a chunk of detections at a time."""
     xs = torch.arange(width, device=crop_boxes.device)
     ys = torch.arange(height, device=crop_boxes.device)
-    inside_x = (xs >= crop_boxes[:, 0:1]) & (xs < crop_boxes[:, 2:3])  # (N, W)
-    inside_y = (ys >= crop_boxes[:, 1:2]) & (ys < crop_boxes[:, 3:4])  # (N, H)
+    inside_x = (xs >= crop_boxes[:, 0:1]) & (xs < crop_boxes[:, 2:3])
+    inside_y = (ys >= crop_boxes[:, 1:2]) & (ys < crop_boxes[:, 3:4])
+    return inside_y, inside_x
+
+
+def crop_masks(crop_boxes, height, width):
+    """(N, 4) long crop boxes -> (N, H, W) bool, True inside the crop."""
+    inside_y, inside_x = crop_axes(crop_boxes, height, width)
     return inside_y[:, :, None] & inside_x[:, None, :]

@@ -13,7 +13,7 @@ from d2ext.layers import ensure_gt_masks, padded_bitmasks, postprocess_full_imag
 
 from .config import RDSNET_REQUIREMENTS
 from .correlation import box_coordinate_logits, correlate, object_rep_length
-from .cropping import crop_masks, expanded_crop_boxes
+from .cropping import crop_axes, crop_masks, expanded_crop_boxes
 from .mask_loss import IGNORE, ohem_mask_loss
 from .mbrm import MBRM, cat_profiles
 from .mbrm_training import mbrm_training_loss
@@ -246,10 +246,19 @@ class RDSNetMasks:
         detections = postprocess_full_image_masks(detections, out_h, out_w)
         boxes = detections.pred_boxes
         crops = expanded_crop_boxes(boxes.tensor, self.test_crop_expand, out_h, out_w)
+        crop_rows, crop_cols = crop_axes(crops, out_h, out_w)  # each chunk's crop masks are their outer product
         mask_stride_boxes = None
         if self.box_coord_terms:  # the boxes back at the input size, in pixels of the mask stride
             to_input = boxes.tensor.new_tensor([input_size[1] / out_w, input_size[0] / out_h] * 2)
             mask_stride_boxes = boxes.tensor * (to_input / self.mask_stride)
+        # All detections' logits at the mask stride at once (one correlation, not one per chunk: at batch 1 on a
+        # GPU the time goes to kernel launches; 100 detections at 800 x 1333 hold 27 MB, less than one chunk's
+        # full-size masks); only the full-size masks are made a chunk at a time.
+        reps = detections.object_reps
+        logits = self.mask_logits(pixel_rep[None], reps, torch.zeros(len(reps), dtype=torch.long, device=reps.device),
+                                  mask_stride_boxes)
+        all_fg_minus_bg = logits[:, 1:] - logits[:, :1]
+        del logits  # twice the size of the difference: not kept through the chunks
         binary, profile_chunks = [], []
         if torch.jit.is_tracing():  # one chunk: a loop over the detections would unroll for the traced count
             chunks = [slice(None)]
@@ -257,16 +266,12 @@ class RDSNetMasks:
             chunks = [slice(start, start + self.mask_chunk_size)
                       for start in range(0, len(detections), self.mask_chunk_size)]
         for chunk in chunks:
-            reps = detections.object_reps[chunk]
-            image_indices = torch.zeros(len(reps), dtype=torch.long, device=reps.device)
-            chunk_boxes = None if mask_stride_boxes is None else mask_stride_boxes[chunk]
-            logits = self.mask_logits(pixel_rep[None], reps, image_indices, chunk_boxes)
-            fg_minus_bg = logits[:, 1:] - logits[:, :1]
-            fg_minus_bg = F.interpolate(fg_minus_bg, size=tuple(padded_size), mode="bilinear", align_corners=False)
+            fg_minus_bg = F.interpolate(all_fg_minus_bg[chunk], size=tuple(padded_size), mode="bilinear",
+                                        align_corners=False)
             fg_minus_bg = fg_minus_bg[:, :, : input_size[0], : input_size[1]]
             if tuple(input_size) != (out_h, out_w):
                 fg_minus_bg = F.interpolate(fg_minus_bg, size=(out_h, out_w), mode="bilinear", align_corners=True)
-            soft = fg_minus_bg[:, 0].sigmoid() * crop_masks(crops[chunk], out_h, out_w)
+            soft = fg_minus_bg[:, 0].sigmoid() * (crop_rows[chunk, :, None] & crop_cols[chunk, None, :])
             binary.append(soft > self.mask_threshold)
             if refine or keep_profiles:
                 profile_chunks.append(MBRM.profiles(soft))

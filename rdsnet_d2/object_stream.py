@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from d2ext.config_checks import check_norm
-from d2ext.layers import conv3x3_at_cells
+from d2ext.layers import conv3x3_at_cells, run_towers
 
 from .correlation import object_rep_length
 
@@ -86,11 +86,10 @@ class RDSNetHead(nn.Module):
     def forward(self, features: List[torch.Tensor]):
         """features: per level (N, C, Hi, Wi). Returns three lists (logits, deltas, representation-tower
         features)."""
-        logits, deltas, rep_features = [], [], []
-        for feature in features:
-            logits.append(self.cls_score(self.cls_tower(feature)))
-            deltas.append(self.bbox_pred(self.bbox_tower(feature)))
-            rep_features.append(self.rep_tower(feature))
+        cls_features, box_features, rep_features = run_towers([self.cls_tower, self.bbox_tower, self.rep_tower],
+                                                              features)
+        logits = [self.cls_score(f) for f in cls_features]
+        deltas = [self.bbox_pred(f) for f in box_features]
         return logits, deltas, rep_features
 
     def anchor_positions(self, rep_features: List[torch.Tensor], anchor_inds):

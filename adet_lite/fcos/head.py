@@ -8,7 +8,7 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 
-from d2ext.layers import ReferenceCheckpointMixin, conv3x3_at_cells
+from d2ext.layers import ReferenceCheckpointMixin, conv3x3_at_cells, run_towers
 
 # AdelaiDet's names of the head's submodules -> ours (Detectron2's RetinaNet / FCOS names).
 _ADELAIDET_TOWERS = {"share_tower": "share_subnet", "cls_tower": "cls_subnet", "bbox_tower": "bbox_subnet"}
@@ -140,11 +140,10 @@ class FCOSHead(ReferenceCheckpointMixin, nn.Module):
             ctrness: L tensors (N, 1, Hl, Wl): centerness (or IoU-quality) logits.
             bbox_towers: L tensors (N, C, Hl, Wl): the box-tower features.
         """
-        logits, bbox_reg, ctrness, bbox_towers = [], [], [], []
-        for level, feature in enumerate(features):
-            feature = self.share_subnet(feature)
-            cls_tower = self.cls_subnet(feature)
-            bbox_tower = self.bbox_subnet(feature)
+        logits, bbox_reg, ctrness = [], [], []
+        cls_towers, bbox_towers = run_towers([self.cls_subnet, self.bbox_subnet],
+                                             [self.share_subnet(feature) for feature in features])
+        for level, (cls_tower, bbox_tower) in enumerate(zip(cls_towers, bbox_towers)):
             logits.append(self.cls_score(cls_tower))
             ctrness.append(self.ctrness(bbox_tower))
             # fp32 under autocast, as a Scale's fp32 product makes it: the losses mix it with fp32 targets.
@@ -152,7 +151,6 @@ class FCOSHead(ReferenceCheckpointMixin, nn.Module):
             if self.scales is not None:
                 reg = self.scales[level](reg)
             bbox_reg.append(F.relu(reg) if self.use_relu else torch.exp(reg))
-            bbox_towers.append(bbox_tower)
         return logits, bbox_reg, ctrness, bbox_towers
 
     def _rename_reference_key(self, name):

@@ -9,6 +9,7 @@ from .images import PixelNormalizationMixin, check_image_sizes, check_input_imag
 from .input_conventions import MSRA, TORCHVISION, check_input_conventions, input_convention_mismatches
 from .losses import dice_loss, focal_loss_targets
 from .mmdet_names import mmdet_resnet_fpn_key
+from .parallel_towers import can_run_as_one, run_towers
 from .postprocess import (capped_count, mask_bounding_boxes, postprocess_full_image_masks, postprocess_per_image,
                           resize_soft_masks, stable_argsort)
 from .state_dict import (ReferenceCheckpointMixin, keys_reference_checkpoints_lack, register_empty_load_check,
@@ -23,6 +24,7 @@ __all__ = [
     "ReferenceCheckpointMixin",
     "TORCHVISION",
     "aligned_bilinear",
+    "can_run_as_one",
     "capped_count",
     "check_gt_classes",
     "check_image_sizes",
@@ -49,6 +51,7 @@ __all__ = [
     "register_empty_load_check",
     "rename_reference_keys",
     "resize_soft_masks",
+    "run_towers",
     "semantic_targets",
     "stable_argsort",
 ]

@@ -11,12 +11,13 @@ def object_rep_length(rep_dim, box_coord_terms):
     return rep_dim + (NUM_QUADRATIC_COORDINATE_TERMS if box_coord_terms else 0)
 
 
-def correlate(pixel_reps, object_reps, image_indices):
+def correlate(pixel_reps, object_reps, image_indices=None):
     """
     Args:
         pixel_reps: (B, d, H, W) pixel representations of the batch.
         object_reps: (N, 2, d) per instance: slot 0 background, slot 1 foreground kernel.
-        image_indices: (N,) long, the image of each instance.
+        image_indices: (N,) long, the image of each instance; None: all in the one image of a batch of one
+            (inference, one image at a time: a plain product, without reading the indices back from a GPU).
     Returns:
         (N, 2, H, W) mask logits (softmax over dim 1; channel 1 = foreground).
     """
@@ -25,6 +26,10 @@ def correlate(pixel_reps, object_reps, image_indices):
                          f"got {tuple(object_reps.shape)}")
     num_images, dim, height, width = pixel_reps.shape
     num = object_reps.shape[0]
+    if image_indices is None:
+        if num_images != 1:
+            raise ValueError(f"correlate: image_indices are needed for a batch of {num_images} images")
+        return (object_reps.reshape(num * 2, dim) @ pixel_reps.reshape(dim, height * width)).view(num, 2, height, width)
     if num == 0:
         return pixel_reps.new_zeros(0, 2, height, width)
     # Pad the instances of each image into (B, K, 2d) so that a single batched matmul serves the

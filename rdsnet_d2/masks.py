@@ -184,7 +184,7 @@ class RDSNetMasks:
         values per slot, plus :func:`box_coordinate_logits` of the rest when ``box_coord_terms``.
 
         Args:
-            pixel_reps: (B, d, h, w); object_reps: (N, 2, L); image_indices: (N,);
+            pixel_reps: (B, d, h, w); object_reps: (N, 2, L); image_indices: (N,), or None for a batch of one;
             boxes: (N, 4) each instance's box in pixels of the mask stride (read only with the terms).
         """
         logits = correlate(pixel_reps, object_reps[..., : self.rep_dim], image_indices)
@@ -254,9 +254,7 @@ class RDSNetMasks:
         # All detections' logits at the mask stride at once (one correlation, not one per chunk: at batch 1 on a
         # GPU the time goes to kernel launches; 100 detections at 800 x 1333 hold 27 MB, less than one chunk's
         # full-size masks); only the full-size masks are made a chunk at a time.
-        reps = detections.object_reps
-        logits = self.mask_logits(pixel_rep[None], reps, torch.zeros(len(reps), dtype=torch.long, device=reps.device),
-                                  mask_stride_boxes)
+        logits = self.mask_logits(pixel_rep[None], detections.object_reps, None, mask_stride_boxes)
         all_fg_minus_bg = logits[:, 1:] - logits[:, :1]
         del logits  # twice the size of the difference: not kept through the chunks
         binary, profile_chunks = [], []

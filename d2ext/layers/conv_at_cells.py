@@ -28,16 +28,22 @@ def conv3x3_at_cells(conv, features: List[torch.Tensor], image_inds, levels, row
     Returns:
         (n, K) outputs, K = ``conv.out_channels``.
     """
-    out = features[0].new_zeros((levels.shape[0], conv.out_channels))
     weight = conv.weight.flatten(1)  # (K, C * 9), ordered (channel, kernel row, kernel column)
-    bias = conv.bias if conv.bias is not None else weight.new_zeros(conv.out_channels)
+    # Every level padded by 1 and flattened, side by side: the conv's 3x3 window at (row, col) of a level covers
+    # padded rows row..row + 2, columns col..col + 2, i.e. flat positions start + (row + dy) * (W + 2) + col + dx.
+    # One gather for all levels: a loop over the levels would launch ~10 kernels and read the GPU once per level.
+    flat = torch.cat([F.pad(feature, (1, 1, 1, 1)).flatten(2) for feature in features], dim=2)  # (N, C, S)
+    padded_widths = torch.zeros_like(rows)
+    starts = torch.zeros_like(rows)
+    start = 0
+    for level, feature in enumerate(features):  # per cell, its level's padded width and start (traced: dynamic)
+        on_level = levels == level
+        padded_widths = torch.where(on_level, feature.shape[-1] + 2, padded_widths)
+        starts = torch.where(on_level, start, starts)
+        start = start + (feature.shape[-2] + 2) * (feature.shape[-1] + 2)
     window = torch.arange(3, device=levels.device)
-    for level, feature in enumerate(features):
-        inds = torch.nonzero(levels == level).squeeze(1)
-        # Padded by 1, the conv's 3x3 window at (row, col) covers padded rows row..row + 2, columns col..col + 2.
-        padded = F.pad(feature, (1, 1, 1, 1))
-        patches = padded[image_inds[inds, None, None], :, rows[inds, None, None] + window[None, :, None],
-                         cols[inds, None, None] + window[None, None, :]]  # (n_level, 3, 3, C)
-        # index_copy, not ``out[inds] = ...``: traced, the latter fixes the row count of the traced image.
-        out = out.index_copy(0, inds, patches.permute(0, 3, 1, 2).flatten(1) @ weight.T + bias)
-    return out
+    corners = starts + rows * padded_widths + cols  # (n,) each window's top-left position
+    positions = corners[:, None, None] + window[None, :, None] * padded_widths[:, None, None] + window  # (n, 3, 3)
+    patches = flat[image_inds[:, None, None], :, positions]  # (n, 3, 3, C)
+    out = patches.permute(0, 3, 1, 2).flatten(1) @ weight.T
+    return out + conv.bias if conv.bias is not None else out

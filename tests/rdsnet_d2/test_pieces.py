@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rdsnet_d2 import correlate, crop_masks, expanded_crop_boxes, ohem_mask_loss
+from rdsnet_d2 import correlate, crop_axes, crop_masks, expanded_crop_boxes, ohem_mask_loss
 from rdsnet_d2.correlation import box_coordinate_logits
 
 
@@ -22,6 +22,33 @@ def test_correlation_batched_equals_per_instance():
                     expected = sum(float(object_reps[n, s, k]) * float(pixel_reps[image_indices[n], k, y, x])
                                    for k in range(8))
                     assert float(logits[n, s, y, x]) == pytest.approx(expected, abs=1e-4)
+
+
+def test_correlation_of_one_image_without_indices_matches_loop():
+    torch.manual_seed(0)
+    pixel_reps = torch.randn(1, 8, 4, 5)
+    object_reps = torch.randn(3, 2, 8)
+    logits = correlate(pixel_reps, object_reps)  # inference: one image, no indices to read back
+    assert logits.shape == (3, 2, 4, 5)
+    for n in range(3):
+        for s in range(2):
+            for y in range(4):
+                for x in range(5):
+                    expected = sum(float(object_reps[n, s, k]) * float(pixel_reps[0, k, y, x]) for k in range(8))
+                    assert float(logits[n, s, y, x]) == pytest.approx(expected, abs=1e-4)
+    assert correlate(pixel_reps, object_reps[:0]).shape == (0, 2, 4, 5)
+    with pytest.raises(ValueError, match="image_indices are needed for a batch of 2 images"):
+        correlate(torch.randn(2, 8, 4, 5), object_reps)
+
+
+def test_crop_axes_outer_product_is_the_crop_mask():
+    crops = torch.tensor([[1, 2, 4, 5], [0, 0, 6, 3]])
+    rows, cols = crop_axes(crops, 5, 6)
+    assert rows.shape == (2, 5) and cols.shape == (2, 6)
+    for n, (x1, y1, x2, y2) in enumerate(crops.tolist()):
+        assert rows[n].tolist() == [y1 <= y < y2 for y in range(5)]
+        assert cols[n].tolist() == [x1 <= x < x2 for x in range(6)]
+    assert torch.equal(rows[:, :, None] & cols[:, None, :], crop_masks(crops, 5, 6))
 
 
 def test_box_coordinate_logits_match_loop():

@@ -19,13 +19,12 @@ def expanded_crop_boxes(boxes, expand, height, width):
     """
     if expand < 0:
         raise ValueError(f"crop expansion must be >= 0, got {expand}")
-    x1, y1, x2, y2 = boxes.float().unbind(dim=1)
-    pad_x = (expand * (x2 - x1 + 1)).clamp(min=1)
-    pad_y = (expand * (y2 - y1 + 1)).clamp(min=1)
-    crop = torch.stack([
-        (x1 - pad_x).clamp(min=0), (y1 - pad_y).clamp(min=0),
-        (x2 + pad_x).clamp(max=width), (y2 + pad_y).clamp(max=height),
-    ], dim=1)
+    boxes = boxes.float()
+    low, high = boxes[:, :2], boxes[:, 2:]  # (x1, y1), (x2, y2): both axes in each op
+    pad = (expand * (high - low + 1)).clamp(min=1)
+    low = (low - pad).clamp(min=0)
+    high = high + pad
+    crop = torch.stack([low[:, 0], low[:, 1], high[:, 0].clamp(max=width), high[:, 1].clamp(max=height)], dim=1)
     return crop.long()  # the cast truncates toward zero (ONNX has no trunc op)
 
 

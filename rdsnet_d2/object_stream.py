@@ -27,8 +27,9 @@ def _tower(in_channels, num_convs, norm):
 
 
 def level_anchor_positions(level_inds, width, num_anchors):
-    """Indices into one level's anchors (row, column, anchor order; ``width`` columns) -> their (row,
-    column) cells (n, 2) and indices among their cell's anchors (n,)."""
+    """Indices into one level's anchors (row, column, anchor order; ``width`` columns: an int, or (n,) per index
+    when the indices come from several levels) -> their (row, column) cells (n, 2) and indices among their
+    cell's anchors (n,)."""
     cells = torch.div(level_inds, num_anchors, rounding_mode="floor")
     rows = torch.div(cells, width, rounding_mode="floor")
     return torch.stack([rows, cells % width], dim=1), level_inds % num_anchors

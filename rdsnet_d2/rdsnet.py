@@ -133,7 +133,7 @@ class RDSNet(RDSNetMasks, RetinaNet):
         anchors = self.anchor_generator(features)
         results = []
         for i, image_size in enumerate(images.image_sizes):
-            boxes, scores, classes, levels, cells, cell_anchors = [], [], [], [], [], []
+            boxes, scores, classes, levels, anchor_inds, widths = [], [], [], [], [], []
             for level, (level_anchors, logits, deltas) in enumerate(zip(anchors, pred_logits, pred_deltas)):
                 level_scores = logits[i].sigmoid().flatten()
                 candidates = torch.nonzero(level_scores > self.test_score_thresh).squeeze(1)
@@ -145,10 +145,8 @@ class RDSNet(RDSNetMasks, RetinaNet):
                 scores.append(top.values)
                 classes.append(candidates % self.num_classes)
                 levels.append(torch.full_like(anchor_idx, level))
-                level_cells, level_cell_anchors = level_anchor_positions(
-                    anchor_idx, rep_features[level].shape[-1], self.head.num_anchors)
-                cells.append(level_cells)
-                cell_anchors.append(level_cell_anchors)
+                anchor_inds.append(anchor_idx)
+                widths.append(torch.full_like(anchor_idx, rep_features[level].shape[-1]))
             detections = Instances(image_size, pred_boxes=Boxes(cat(boxes)), scores=cat(scores),
                                    pred_classes=cat(classes))
             detections.pred_boxes.clip(image_size)
@@ -156,9 +154,10 @@ class RDSNet(RDSNetMasks, RetinaNet):
                                self.test_nms_thresh)[: self.max_detections_per_image]
             detections = detections[keep]
             # Only the kept detections' representations: one image's features, as image 0 of a batch of one.
+            cells, cell_anchors = level_anchor_positions(cat(anchor_inds)[keep], cat(widths)[keep],
+                                                         self.head.num_anchors)
             detections.object_reps = self.head.object_representations(
-                [f[i:i + 1] for f in rep_features], torch.zeros_like(keep), cat(levels)[keep], cat(cells)[keep],
-                cat(cell_anchors)[keep])
+                [f[i:i + 1] for f in rep_features], torch.zeros_like(keep), cat(levels)[keep], cells, cell_anchors)
             results.append(detections)
         return results
 

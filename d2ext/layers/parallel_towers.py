@@ -5,9 +5,10 @@ batch 1 on a GPU their cost is the number of kernels launched, not arithmetic. k
 run as one: the first layer as one conv with the k weights stacked (k*C outputs), the later ones as grouped
 convs (groups=k, tower t's channels in group t) and GroupNorm over k*G groups, which equals each tower's own
 GroupNorm(G) because groups are contiguous channel blocks. The towers keep their own parameters (and
-checkpoint keys); the stacked ones are concatenated per call, so gradients reach each tower's.
+checkpoint keys); the stacked ones are concatenated per call, so gradients reach each tower's. By default only
+on a GPU: on a CPU, where time follows arithmetic, grouped convs were slower than the towers apart.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,17 +57,23 @@ def _stacked_parameters(layers):
             torch.cat([layer.norm.bias for layer in layers]))
 
 
-def run_towers(towers: Sequence[nn.Sequential], features: List[torch.Tensor]):
+def run_towers(towers: Sequence[nn.Sequential], features: List[torch.Tensor], merge: Optional[bool] = None):
     """Each tower on each level: ``[[tower(f) for f in features] for tower in towers]``, equal up to float
-    summation order (gradients included), computed as one wide tower when :func:`can_run_as_one`.
+    summation order (gradients included), computed as one wide tower when ``merge`` and :func:`can_run_as_one`.
 
     Args:
         towers: k ``nn.Sequential`` of Detectron2 ``Conv2d`` layers, all reading the same input.
         features: per level, (N, C, H_l, W_l).
+        merge: run mergeable towers as one; None: on a GPU only. On a GPU at batch 1 the towers' cost is their
+            kernel launches, which merging divides by k; on a CPU the cost is arithmetic, and oneDNN's grouped
+            convs were slower than k dense ones (RDSNet's three R-50 towers at 800 x 1333, 2 threads: 2.6-3.0 s
+            merged vs 2.1-2.2 s apart).
     Returns:
         per tower, per level, (N, C', H_l, W_l) (channel slices of the wide tower's output).
     """
-    if not can_run_as_one(towers):
+    if merge is None:
+        merge = features[0].is_cuda if features else False
+    if not merge or not can_run_as_one(towers):
         return [[tower(feature) for feature in features] for tower in towers]
     k = len(towers)
     depths = [(layers[0], getattr(layers[0], "norm", None), getattr(layers[0], "activation", None),

@@ -39,7 +39,7 @@ def test_equals_each_tower_run_alone_values_and_gradients(norm, num_towers):
     towers = [tower(3, 64, norm, seed) for seed in range(num_towers)]
     assert can_run_as_one(towers)
     features = [torch.randn(2, 64, 9, 11), torch.randn(2, 64, 5, 6)]
-    got, expected = run_towers(towers, features), separately(towers, features)
+    got, expected = run_towers(towers, features, merge=True), separately(towers, features)
     assert len(got) == num_towers and all(len(g) == len(features) for g in got)
     for got_tower, expected_tower in zip(got, expected):
         for g, e in zip(got_tower, expected_tower):
@@ -71,5 +71,21 @@ def test_towers_that_cannot_merge_run_separately(towers):
     assert not can_run_as_one(towers)
     features = [torch.randn(1, 32, 6, 7)]
     with torch.no_grad():
-        for got_tower, expected_tower in zip(run_towers(towers, features), separately(towers, features)):
+        for got_tower, expected_tower in zip(run_towers(towers, features, merge=True), separately(towers, features)):
             torch.testing.assert_close(got_tower, expected_tower)
+
+
+
+def test_merged_only_when_asked_or_on_a_gpu(monkeypatch):
+    """merge=None merges on a GPU (launch-bound at batch 1), not on a CPU (oneDNN's grouped convs are slower)."""
+    towers = [tower(2, 32, "GN", 0), tower(2, 32, "GN", 1)]
+    groups = []
+    conv2d = F.conv2d
+    monkeypatch.setattr(F, "conv2d", lambda *args: groups.append(args[6]) or conv2d(*args))
+    features = [torch.randn(1, 32, 4, 5)]
+    with torch.no_grad():
+        run_towers(towers, features)  # on the CPU: each tower's own convs
+        assert groups == [1, 1, 1, 1]
+        groups.clear()
+        run_towers(towers, features, merge=True)  # one wide conv, then one grouped conv
+        assert groups == [1, 2]

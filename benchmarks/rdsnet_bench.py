@@ -47,6 +47,8 @@ MODELS = {
     "mask_rcnn_R_50_FPN_1x + MBRM": (MASK_RCNN_CONFIG, [*RDSNET_BACKBONE, "MODEL.META_ARCHITECTURE",
                                                          "GeneralizedRCNNWithMBRM", "MODEL.MBRM.ENABLED", "True"]),
 }
+# Detectron2's own models, the baselines of the ratios (their memory is reported, not judged).
+DETECTRON2_BASELINES = (BASELINE, "detectron2 mask_rcnn_R_50_FPN_1x")
 # (label, first model, second model, as a percentage, target): timed alternately in one process as well; the
 # label's quantity is the second model's time over the first's (as a percentage: the extra time); the issue's
 # target for that ratio (at most; None: reported only), judged on the paired measure.
@@ -149,10 +151,15 @@ def main():
             for n, (s, p, g) in results.items()]
     print(format_table(rows, BASELINE))
     print()
-    growths = [peaks[-1] - peaks[len(peaks) // 2] for _, peaks, _ in results.values()]
-    flat = verdict(max(growths), FLAT_MEMORY_TOLERANCE_MB, conclusive=args.images >= 10, why_not="fewer than 10 images")
-    print(f"Peak memory growth over the second half of the images: at most {max(growths):+.0f} MB: {flat} "
-          f"(target: flat, within {FLAT_MEMORY_TOLERANCE_MB:.0f} MB)")
+    # The target is this package's models' memory; Detectron2's baselines are listed in the table, not judged.
+    growths = {name: peaks[-1] - peaks[len(peaks) // 2] for name, (_, peaks, _) in results.items()
+               if name not in DETECTRON2_BASELINES}
+    if growths:
+        worst = max(growths, key=growths.get)
+        flat = verdict(growths[worst], FLAT_MEMORY_TOLERANCE_MB, conclusive=args.images >= 10,
+                       why_not="fewer than 10 images")
+        print(f"Peak memory growth over the second half of the images: at most {growths[worst]:+.0f} MB ({worst}): "
+              f"{flat} (target: flat, within {FLAT_MEMORY_TOLERANCE_MB:.0f} MB)")
     # The middle image separates a one-off rise (allocator high-water mark) from growth per image.
     middle = args.images // 2
     print(f"| model | peak MB after image 1 | after image {middle + 1} | after image N | growth MB, 1 -> N | "

@@ -93,12 +93,12 @@ def loss_history(model, batch, iterations, lr=0.01, momentum=0.9):
     return [train_step(model, batch, optimizer) for _ in range(iterations)]
 
 
-LAST_ITERATIONS = 3  # assert_losses_fall compares their mean with the first iteration
-
-
 def overfit(model, batch, iterations, lr=0.01, momentum=0.9):
     """Train on one fixed batch; returns the list of total losses (a learning check)."""
     return [sum(losses.values()) for losses in loss_history(model, batch, iterations, lr, momentum)]
+
+
+LAST_ITERATIONS = 3  # assert_losses_fall compares their mean with the first iteration
 
 
 def assert_losses_fall(history, total_factor, **loss_factors):

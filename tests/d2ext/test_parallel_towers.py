@@ -75,7 +75,6 @@ def test_towers_that_cannot_merge_run_separately(towers):
             torch.testing.assert_close(got_tower, expected_tower)
 
 
-
 def test_merged_only_when_asked_or_on_a_gpu(monkeypatch):
     """merge=None merges on a GPU (launch-bound at batch 1), not on a CPU (oneDNN's grouped convs are slower)."""
     towers = [tower(2, 32, "GN", 0), tower(2, 32, "GN", 1)]

@@ -55,11 +55,6 @@ def _add_grid_head_keys(node, instance_channels, num_instance_convs):
     node.LOSS.FOCAL_WEIGHT = 1.0
     # Weight of the mask (Dice) loss.
     node.LOSS.DICE_WEIGHT = 3.0
-    # Not an AdelaiDet or mmdetection key. Weight of a binary cross-entropy on each positive's mask, averaged over
-    # the pixels of its instance's box grown by a quarter of its size per side (adet_lite.solo.losses.box_region_bce):
-    # Mask R-CNN's per-pixel loss beside the Dice loss, which barely penalises low probabilities around the
-    # instance. 0: off (the references).
-    node.LOSS.BOX_BCE_WEIGHT = 0.0
     # Not an AdelaiDet or mmdetection key. Mask targets are the fraction of each target pixel the instance
     # covers (area downsampling of its full-resolution mask) instead of that fraction binarised at >= 0.5 (the
     # references): binarising at the mask stride moves the boundary by up to half a target pixel, outwards
@@ -114,7 +109,7 @@ GRID_HEAD_REQUIREMENTS = {
     "NUM_CLASSES": COUNT, "PRIOR_PROB": PRIOR, "NMS_PRE": COUNT, "SCORE_THR": FRACTION, "UPDATE_THR": FRACTION,
     "MASK_THR": FRACTION, "MAX_PER_IMG": COUNT, "NMS_SIGMA": POSITIVE, "MASK_NMS_THR": FRACTION,
     "LOSS.FOCAL_ALPHA": FOCAL_ALPHA, "LOSS.FOCAL_GAMMA": NON_NEGATIVE, "LOSS.FOCAL_WEIGHT": NON_NEGATIVE,
-    "LOSS.DICE_WEIGHT": NON_NEGATIVE, "LOSS.BOX_BCE_WEIGHT": NON_NEGATIVE,
+    "LOSS.DICE_WEIGHT": NON_NEGATIVE,
 }
 SOLOV2_REQUIREMENTS = {
     **GRID_HEAD_REQUIREMENTS, "NUM_KERNELS": COUNT, "MASK_IN_FEATURES": NON_EMPTY, "MASK_CHANNELS": COUNT,

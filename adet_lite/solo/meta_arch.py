@@ -20,7 +20,7 @@ from .category_branch import CategoryBranch
 from .checkpoint import MMDET, reference_format, rename_reference_key
 from .config import GRID_HEAD_REQUIREMENTS, SOLOV2_REQUIREMENTS
 from .inference import NMS_TYPES, GridInferenceParams, select_instances
-from .losses import solo_bce_loss, solo_category_loss, solo_mask_loss
+from .losses import solo_category_loss, solo_mask_loss
 from .nms import MATRIX_NMS_KERNELS, point_nms
 from .solo_mask_branch import DecoupledSOLOMaskBranch, SOLOMaskBranch
 from .solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
@@ -55,7 +55,6 @@ def _grid_options(node, node_name, requirements):
         "focal_gamma": node.LOSS.FOCAL_GAMMA,
         "focal_weight": node.LOSS.FOCAL_WEIGHT,
         "dice_weight": node.LOSS.DICE_WEIGHT,
-        "box_bce_weight": node.LOSS.BOX_BCE_WEIGHT,
         "coverage_mask_targets": node.LOSS.COVERAGE_MASK_TARGETS,
         "inference_params": GridInferenceParams(
             score_threshold=node.SCORE_THR, mask_threshold=node.MASK_THR, nms_pre=node.NMS_PRE,
@@ -112,7 +111,6 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         dice_weight,
         inference_params,
         coverage_mask_targets=False,
-        box_bce_weight=0.0,
         pixel_mean,
         pixel_std,
         input_format="BGR",
@@ -149,7 +147,6 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         self.focal_weight = focal_weight
         self.dice_weight = dice_weight
         self.coverage_mask_targets = coverage_mask_targets
-        self.box_bce_weight = box_bce_weight
         self.inference_params = inference_params
         self.mbrm = mbrm
         self.mbrm_chunk_size = mbrm_chunk_size
@@ -254,14 +251,11 @@ class SOLO(PixelNormalizationMixin, nn.Module):
                 mask_targets.append(level_targets.masks)
                 num_positives += level_targets.cells.numel()
         category_labels = [torch.stack(labels) for labels in category_labels]
-        losses = {
+        return {
             "loss_mask": solo_mask_loss(mask_probs, mask_targets, num_positives, self.dice_weight),
             "loss_cls": solo_category_loss(category_logits, category_labels, self.focal_alpha, self.focal_gamma,
                                            self.focal_weight),
         }
-        if self.box_bce_weight > 0:
-            losses["loss_mask_bce"] = solo_bce_loss(mask_probs, mask_targets, num_positives, self.box_bce_weight)
-        return losses
 
     @torch.no_grad()
     def predict_instances(self, category_logits, mask_outputs, images):

@@ -66,19 +66,6 @@ def test_train_step_and_inference(variant):
     assert (instances.scores[:-1] >= instances.scores[1:]).all()
 
 
-@pytest.mark.parametrize("variant", ["DecoupledSOLO", "SOLOv2"])
-def test_box_bce_loss_trains_the_masks(variant):
-    """LOSS.BOX_BCE_WEIGHT adds ``loss_mask_bce``, which reaches the mask branch by itself."""
-    node = VARIANTS[variant][2]
-    cfg = _cfg(variant, [f"MODEL.{node}.LOSS.BOX_BCE_WEIGHT", "3.0", f"MODEL.{node}.LOSS.DICE_WEIGHT", "0.0"])
-    model = build_tiny_model(cfg)
-    losses = train_step(model, dataset_batch(cfg))
-    assert set(losses) == {"loss_mask", "loss_cls", "loss_mask_bce"}
-    assert losses["loss_mask"] == 0.0 and losses["loss_mask_bce"] > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0
-               for n, p in model.named_parameters() if "mask_branch" in n)
-
-
 def test_inference_without_height_width_and_with_zero_detections():
     cfg = _cfg("SOLO")  # released thresholds: random weights detect nothing
     model = build_tiny_model(cfg).eval()
@@ -135,8 +122,6 @@ def test_bad_config_values_are_named():
         build_tiny_model(_cfg("SOLOv2", ["MODEL.SOLOV2.INSTANCE_IN_CHANNELS", "64"]))
     with pytest.raises(ValueError, match="MODEL.SOLOV2.MASK_OUT_STRIDE"):
         build_tiny_model(_cfg("SOLOv2", ["MODEL.SOLOV2.MASK_OUT_STRIDE", "3"]))
-    with pytest.raises(ValueError, match="MODEL.SOLO.LOSS.BOX_BCE_WEIGHT"):
-        build_tiny_model(_cfg("SOLO", ["MODEL.SOLO.LOSS.BOX_BCE_WEIGHT", "-1.0"]))
 
 
 def test_area_filter_counts_pixels_of_stride_4_masks_at_any_mask_stride(monkeypatch):

@@ -7,7 +7,7 @@ import torch
 from adet_lite.solo import mask_nms, matrix_nms, point_nms
 from adet_lite.solo.nms import pair_intersections, same_label_mask_iou
 from adet_lite.solo.inference import GridInferenceParams, select_instances
-from adet_lite.solo.losses import box_region_bce, solo_bce_loss, solo_category_loss, solo_mask_loss
+from adet_lite.solo.losses import solo_category_loss, solo_mask_loss
 from adet_lite.solo.solo_mask_branch import DecoupledSOLOMaskBranch
 from adet_lite.solo.solov2_mask_branch import KernelBranch, MaskFeatureBranch, SOLOv2MaskBranch
 from adet_lite.solo.targets import assign_grid_targets
@@ -140,51 +140,6 @@ def test_dice_mask_loss_reference_form():
     assert loss.item() == pytest.approx(3.0 * expected / 3, rel=1e-5)
     # No positive: zero, but still a tensor connected to the predictions.
     none = solo_mask_loss([probs[:0].requires_grad_()], [targets[:0]], num_positives=0, weight=3.0)
-    assert none.item() == 0.0 and none.requires_grad
-
-
-def _box_region_bce_loop(probs, targets, expand):
-    """Per mask: the box of its nonzero target pixels, grown by ``expand`` x its size per side; the mean of
-    -(t log p + (1 - t) log(1 - p)) over the pixels whose centres lie inside it (0 for an empty target)."""
-    losses = []
-    for p, t in zip(probs.tolist(), targets.tolist()):
-        rows = [y for y, row in enumerate(t) if any(v > 0 for v in row)]
-        cols = [x for x in range(len(t[0])) if any(row[x] > 0 for row in t)]
-        if not rows:
-            losses.append(0.0)
-            continue
-        x1, x2, y1, y2 = min(cols), max(cols) + 1, min(rows), max(rows) + 1
-        gx, gy = expand * (x2 - x1), expand * (y2 - y1)
-        terms = [-(t[y][x] * math.log(p[y][x]) + (1 - t[y][x]) * math.log(1 - p[y][x]))
-                 for y in range(len(t)) for x in range(len(t[0]))
-                 if y1 - gy <= y + 0.5 < y2 + gy and x1 - gx <= x + 0.5 < x2 + gx]
-        losses.append(sum(terms) / len(terms))
-    return losses
-
-
-@pytest.mark.parametrize("expand", [0.0, 0.25])
-def test_box_region_bce_matches_loop(expand):
-    generator = torch.Generator().manual_seed(11)
-    probs = torch.rand(5, 9, 11, generator=generator) * 0.98 + 0.01
-    targets = torch.zeros(5, 9, 11)
-    targets[0, 2:5, 3:7] = 1.0  # inside the map
-    targets[1, 0:3, 8:11] = 1.0  # at a corner: the grown box is clipped by the map
-    targets[2, 4, 5] = 1.0  # one pixel: grows by a quarter pixel, no pixel centre more
-    targets[3, 1:8, 2:9] = torch.rand(7, 7, generator=generator)  # fractions (coverage targets)
-    # targets[4] stays empty: no region, loss 0
-    expected = _box_region_bce_loop(probs, targets, expand)
-    assert box_region_bce(probs, targets, expand).tolist() == pytest.approx(expected, rel=1e-5)
-    assert expected[4] == 0.0
-
-
-def test_bce_loss_is_mean_over_positives_and_zero_without():
-    generator = torch.Generator().manual_seed(12)
-    groups = [torch.rand(k, 6, 6, generator=generator) * 0.9 + 0.05 for k in (2, 3)]
-    targets = [(torch.rand(k, 6, 6, generator=generator) > 0.5).float() for k in (2, 3)]
-    per_mask = [v for p, t in zip(groups, targets) for v in _box_region_bce_loop(p, t, 0.25)]
-    loss = solo_bce_loss(groups, targets, num_positives=5, weight=3.0)
-    assert loss.item() == pytest.approx(3.0 * sum(per_mask) / 5, rel=1e-5)
-    none = solo_bce_loss([groups[0][:0].requires_grad_()], [targets[0][:0]], num_positives=0, weight=3.0)
     assert none.item() == 0.0 and none.requires_grad
 
 

@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 BASELINE = "detectron2 retinanet_R_50_FPN_1x"
+MASK_RCNN = "detectron2 mask_rcnn_R_50_FPN_1x"  # the baseline of MBRM's extra time on Mask R-CNN
 RETINANET_CONFIG = "COCO-Detection/retinanet_R_50_FPN_1x.yaml"
 MASK_RCNN_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml"
 ALL_DETECTIONS = ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
@@ -43,18 +44,18 @@ MODELS = {
     "rdsnet_R_50_FPN_1x_refine (MBRM)": ("RDSNet/rdsnet_R_50_FPN_1x_refine.yaml", []),
     # All 100 masks upsampled at once, as the official code does (it upsamples 2 channels, we 1).
     "rdsnet_R_50_FPN_1x, one mask chunk": ("RDSNet/rdsnet_R_50_FPN_1x.yaml", ["MODEL.RDSNET.MASK_CHUNK_SIZE", "100"]),
-    "detectron2 mask_rcnn_R_50_FPN_1x": (MASK_RCNN_CONFIG, RDSNET_BACKBONE),
+    MASK_RCNN: (MASK_RCNN_CONFIG, RDSNET_BACKBONE),
     "mask_rcnn_R_50_FPN_1x + MBRM": (MASK_RCNN_CONFIG, [*RDSNET_BACKBONE, "MODEL.META_ARCHITECTURE",
                                                          "GeneralizedRCNNWithMBRM", "MODEL.MBRM.ENABLED", "True"]),
 }
 # Detectron2's own models, the baselines of the ratios (their memory is reported, not judged).
-DETECTRON2_BASELINES = (BASELINE, "detectron2 mask_rcnn_R_50_FPN_1x")
+DETECTRON2_BASELINES = (BASELINE, MASK_RCNN)
 # (label, first model, second model, as a percentage, target): timed alternately in one process as well; the
 # label's quantity is the second model's time over the first's (as a percentage: the extra time); the issue's
 # target for that ratio (at most; None: reported only), judged on the paired measure.
 PAIRS = [("RDSNet / RetinaNet time", BASELINE, "rdsnet_R_50_FPN_1x", False, 1.24),
          ("MBRM extra time", "rdsnet_R_50_FPN_1x", "rdsnet_R_50_FPN_1x_refine (MBRM)", True, 1.04),
-         ("MBRM extra time", "detectron2 mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_FPN_1x + MBRM", True, None)]
+         ("MBRM extra time", MASK_RCNN, "mask_rcnn_R_50_FPN_1x + MBRM", True, None)]
 
 
 FLAT_MEMORY_TOLERANCE_MB = 1.0  # the readings' resolution: VmHWM is in kB, CUDA's allocator rounds blocks
@@ -160,6 +161,8 @@ def main():
                        why_not="fewer than 10 images")
         print(f"Peak memory growth over the second half of the images: at most {growths[worst]:+.0f} MB ({worst}): "
               f"{flat} (target: flat, within {FLAT_MEMORY_TOLERANCE_MB:.0f} MB)")
+    else:
+        print("Peak memory growth: not judged (only Detectron2's baselines were run)")
     # The middle image separates a one-off rise (allocator high-water mark) from growth per image.
     middle = args.images // 2
     print(f"| model | peak MB after image 1 | after image {middle + 1} | after image N | growth MB, 1 -> N | "

@@ -107,8 +107,8 @@ def assert_losses_fall(history, total_factor, **loss_factors):
     The mean of the last ``LAST_ITERATIONS``, not the last alone: SGD with momentum on one fixed batch oscillates
     (RDSNetFCOS's loss_mask went 0.23, 0.38, 0.54 over its last three steps while falling from 0.68), and a change
     of float summation order moves where those spikes land."""
-    first = history[0]
-    last = {name: sum(h[name] for h in history[-LAST_ITERATIONS:]) / len(history[-LAST_ITERATIONS:]) for name in first}
+    first, tail = history[0], history[-LAST_ITERATIONS:]
+    last = {name: sum(h[name] for h in tail) / len(tail) for name in first}
     assert sum(last.values()) < total_factor * sum(first.values()), history
     for name, factor in loss_factors.items():
         assert last[name] < factor * first[name], [h[name] for h in history]

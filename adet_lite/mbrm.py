@@ -1,5 +1,6 @@
 """MBRM box refinement at inference for adet_lite's mask models (CondInst / BoxInst, BlendMask, SOLO,
-SOLOv2), switched on by ``MODEL.MBRM.ENABLED`` (rdsnet_d2's keys).
+SOLOv2), switched on by ``MODEL.MBRM.ENABLED`` (rdsnet_d2's keys), and its training stage on those models
+(``MODEL.MBRM.TRAIN``: the model frozen, only MBRM learns from the soft masks its post-processing makes).
 
 MBRM is rdsnet_d2's (mask based boundary refinement, RDSNet Sec. 3.3). The method packages do not import
 each other: this optional use imports rdsnet_d2 here, lazily, only when the switch is on, and the models
@@ -12,15 +13,33 @@ registers them and a second META_ARCHITECTURE per model; the switch alone is wha
 
 
 def mbrm_options(cfg, model_name):
-    """The ``mbrm`` (an ``rdsnet_d2.MBRM`` or None) and ``mbrm_chunk_size`` arguments of the models.
+    """The ``mbrm`` (an ``rdsnet_d2.MBRM`` or None), ``mbrm_chunk_size`` and ``mbrm_train_iou`` arguments
+    of the models.
 
     A config without ``MODEL.MBRM`` (adet_lite's keys added to Detectron2's config alone, without
     ``rdsnet_d2.add_rdsnet_config``; ``d2ext.engine.get_cfg`` has both) builds the model without MBRM.
-    ``MODEL.MBRM.TRAIN`` is an error naming the key: MBRM's training stage is RDSNet's.
     """
     node = cfg.MODEL.get("MBRM")
     if node is None or not (node.ENABLED or node.TRAIN):
         return {"mbrm": None}
-    from rdsnet_d2.mbrm_postprocess import build_inference_mbrm  # optional use of rdsnet_d2: lazy
+    from rdsnet_d2.mbrm_postprocess import build_mbrm, mbrm_train_iou  # optional use of rdsnet_d2: lazy
 
-    return {"mbrm": build_inference_mbrm(cfg, model_name), "mbrm_chunk_size": node.MASK_CHUNK_SIZE}
+    return {"mbrm": build_mbrm(cfg, model_name), "mbrm_chunk_size": node.MASK_CHUNK_SIZE,
+            "mbrm_train_iou": mbrm_train_iou(cfg)}
+
+
+def freeze_for_mbrm_stage(model):
+    """In the MBRM training stage (``model.mbrm_train_iou`` set): every parameter but MBRM's is frozen.
+    Call at the end of the model's ``__init__``."""
+    if model.mbrm_train_iou is not None:
+        from rdsnet_d2.mbrm_training import freeze_all_but_mbrm
+
+        freeze_all_but_mbrm(model)
+
+
+def mbrm_stage_losses(model, batched_inputs):
+    """The training losses of the MBRM stage, ``{"loss_mbrm": ...}``: the model's forward in training
+    returns them when ``model.mbrm_train_iou`` is set."""
+    from rdsnet_d2.mbrm_training import frozen_detector_mbrm_losses
+
+    return frozen_detector_mbrm_losses(model, batched_inputs, model.mbrm_train_iou)

@@ -73,10 +73,10 @@ def check_exportable(model):
                          "detections do not trace): set MODEL.ROI_HEADS.SOFT_NMS.ENABLED and "
                          "MODEL.ROI_HEADS.BOX_VOTE.ENABLED False (hard NMS) to export")
     # RDSNet refines inside the traced inference (untested there); GeneralizedRCNNWithMBRM and adet_lite's
-    # models (``mbrm`` set by MODEL.MBRM.ENABLED) in their post-processing, after it.
-    refines = getattr(model, "mbrm_on", getattr(model, "mbrm", None) is not None)
-    if refines:
-        raise ValueError(f"{name} with MBRM box refinement cannot be exported: set MODEL.MBRM.ENABLED False")
+    # models (``mbrm`` set by MODEL.MBRM.ENABLED or TRAIN) in their post-processing, after it.
+    if getattr(model, "mbrm", None) is not None:
+        raise ValueError(f"{name} with MBRM box refinement cannot be exported: set MODEL.MBRM.ENABLED False "
+                         "(and MODEL.MBRM.TRAIN False)")
     if getattr(model, "panoptic_module", None) is not None:
         raise ValueError(f"{name} with the panoptic output cannot be exported (what is traced is the detections "
                          "alone): set MODEL.PANOPTIC_FPN.COMBINE.ENABLED False to export its instance model")

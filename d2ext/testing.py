@@ -7,17 +7,21 @@ import os
 import re
 
 import torch
+import torch.nn.functional as F
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, build_detection_train_loader
 from detectron2.data import transforms as T
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import HookBase
+from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.modeling import build_model
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
 from .data.mapper import DatasetMapper
 from .engine import Trainer
 from .engine.config import setup_cfg
+from .layers import aligned_bilinear
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Key names and shapes of the released checkpoints (AdelaiDet, mmdetection, official RDSNet), as
@@ -240,6 +244,37 @@ def bilinear_resize_reference(x, size):
             out[p, q] = ((1 - a) * (1 - b) * x[i0, j0] + (1 - a) * b * x[i0, j1]
                          + a * (1 - b) * x[i1, j0] + a * b * x[i1, j1])
     return out
+
+
+def soft_paste_reference(roi_masks, boxes, image_size):
+    """Detectron2's soft pasting over the whole image as it runs on GPU (``paste_masks_in_image`` with
+    threshold -1 pastes whole-image chunks there; on CPU it samples only the box grown by 1 px): (N, H, W)
+    quantised to steps of 1/255."""
+    pasted, _ = _do_paste_mask(roi_masks[:, None], boxes, *image_size, skip_empty=False)
+    return (pasted * 255).to(torch.uint8).float() / 255
+
+
+def resized_detections_reference(raw, height, width):
+    """A reference post-processing of one image's input-size detections with full-image soft masks: boxes
+    scaled to the output size and clipped, detections with an empty box dropped; soft masks resized to the
+    output size.
+
+    Returns:
+        boxes (N, 4), soft masks (N, height, width).
+    """
+    boxes = Boxes(raw.pred_boxes.tensor * torch.tensor([width / raw.image_size[1], height / raw.image_size[0]] * 2))
+    boxes.clip((height, width))
+    keep = boxes.nonempty()
+    soft = F.interpolate(raw.pred_masks[keep][:, None], size=(height, width), mode="bilinear", align_corners=False)
+    return boxes.tensor[keep], soft[:, 0]
+
+
+def condinst_masks_at_input_size(raw, stride):
+    """CondInst's raw masks are at the mask output stride over the padded input: AdelaiDet's aligned
+    upsampling to the padded input, then the crop to the input image."""
+    height, width = raw.image_size
+    masks = aligned_bilinear(raw.pred_masks[:, None], stride)[:, 0, :height, :width]
+    return Instances(raw.image_size, pred_boxes=raw.pred_boxes, pred_masks=masks)
 
 
 def assert_masks_inside_expanded_boxes(instances, expand):

@@ -38,10 +38,11 @@ def add_rdsnet_config(cfg):
     cfg.MODEL.RDSNET.P7_RELU = False  # the official P7 = conv(P6) has no ReLU in between (Detectron2's has one)
 
     cfg.MODEL.MBRM = CN()
-    # MBRM: the box refinement at inference, in RDSNet, GeneralizedRCNNWithMBRM (Mask R-CNN) and adet_lite's
-    # CondInst / BoxInst, BlendMask, SOLO and SOLOv2. TRAIN and TRAIN_IOU: RDSNet only.
+    # MBRM: the box refinement at inference, and its training stage, in RDSNet, GeneralizedRCNNWithMBRM (Mask
+    # R-CNN) and adet_lite's CondInst / BoxInst, BlendMask, SOLO and SOLOv2.
     cfg.MODEL.MBRM.ENABLED = False  # refine the boxes of the detections with MBRM at inference
-    cfg.MODEL.MBRM.TRAIN = False  # MBRM training stage: only MBRM learns (loss_mbrm), the rest is frozen
+    # MBRM training stage: only MBRM learns (loss_mbrm), the rest is frozen; the model refines with it at inference
+    cfg.MODEL.MBRM.TRAIN = False
     cfg.MODEL.MBRM.KERNEL_HALF_SIZE = 4  # s: 1-D kernel of 2s + 1 taps
     cfg.MODEL.MBRM.GAMMA = 0.05  # prior sigma = max(GAMMA * box size, 1) pixels
     cfg.MODEL.MBRM.PRIOR_CUTOFF = 0.0044  # prior density <= this is set to 0 (truncation)

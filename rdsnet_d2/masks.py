@@ -1,6 +1,6 @@
 """The mask side of RDSNet, shared by its object streams (RetinaNet's anchors in ``RDSNet``, FCOS's
 locations in ``RDSNetFCOS``): mask targets of sampled positives, the correlation + OHEM mask loss, the
-masks of the detections at test time, and the MBRM training stage."""
+masks of the detections at test time (boxes refined by MBRM when it is on), and the MBRM training stage."""
 from typing import Dict, List
 
 import torch
@@ -16,7 +16,8 @@ from .correlation import box_coordinate_logits, correlate, object_rep_length
 from .cropping import crop_axes, crop_masks, expanded_crop_boxes
 from .mask_loss import IGNORE, ohem_mask_loss
 from .mbrm import MBRM, cat_profiles
-from .mbrm_training import mbrm_training_loss
+from .mbrm_postprocess import build_mbrm, mbrm_train_iou
+from .mbrm_training import freeze_all_but_mbrm, frozen_detector_mbrm_losses
 from .pixel_stream import PixelStream
 
 
@@ -40,7 +41,6 @@ class RDSNetMasks:
         check_values(cfg.MODEL.RDSNET, "MODEL.RDSNET", RDSNET_REQUIREMENTS)
         check_norm("MODEL.RDSNET.PIXEL_NORM", cfg.MODEL.RDSNET.PIXEL_NORM,
                    {"MODEL.RDSNET.PIXEL_CONV_DIM": cfg.MODEL.RDSNET.PIXEL_CONV_DIM})
-        use_mbrm = cfg.MODEL.MBRM.ENABLED or cfg.MODEL.MBRM.TRAIN
         return dict(
             pixel_stream=PixelStream(cfg, backbone_shape),
             mask_stride=backbone_shape[cfg.MODEL.RDSNET.PIXEL_IN_FEATURES[0]].stride // 2,
@@ -54,16 +54,14 @@ class RDSNetMasks:
             test_crop_expand=cfg.MODEL.RDSNET.TEST_CROP_EXPAND,
             mask_threshold=cfg.MODEL.RDSNET.MASK_THRESHOLD,
             mask_chunk_size=cfg.MODEL.RDSNET.MASK_CHUNK_SIZE,
-            mbrm=MBRM(cfg) if use_mbrm else None,
-            mbrm_on=cfg.MODEL.MBRM.ENABLED,
-            mbrm_train=cfg.MODEL.MBRM.TRAIN,
-            mbrm_train_iou=cfg.MODEL.MBRM.TRAIN_IOU,
+            mbrm=build_mbrm(cfg, "RDSNet"),
+            mbrm_train_iou=mbrm_train_iou(cfg),
         )
 
     def init_masks(self, *, pixel_stream, mask_stride, rep_dim, box_coord_terms=False, mask_samples_per_image=100,
                    mask_min_area=100, train_crop_expand=0.25, ohem_neg_pos_ratio=1.0, mask_loss_weight=1.0,
-                   test_crop_expand=0.1, mask_threshold=0.4, mask_chunk_size=16, mbrm=None, mbrm_on=False,
-                   mbrm_train=False, mbrm_train_iou=0.5):
+                   test_crop_expand=0.1, mask_threshold=0.4, mask_chunk_size=16, mbrm=None,
+                   mbrm_train_iou=None):
         """
         Args:
             pixel_stream: a :class:`PixelStream`, producing (B, d, H / mask_stride, W / mask_stride).
@@ -73,17 +71,18 @@ class RDSNetMasks:
             mask_samples_per_image, mask_min_area: positives per image whose masks are trained, among
                 those whose GT mask has more than ``mask_min_area`` pixels.
             train_crop_expand, test_crop_expand: crop expansion p in training / at test.
-            mbrm: an :class:`MBRM` (or None); mbrm_on: refine boxes at inference;
-            mbrm_train: the MBRM training stage (everything else frozen, only ``loss_mbrm``).
-        Call after ``nn.Module.__init__`` and after every other submodule is set (``mbrm_train``
+            mbrm: an :class:`MBRM` that refines the boxes at inference, or None.
+            mbrm_train_iou: None, or the MBRM training stage (everything else frozen, only ``loss_mbrm``:
+                :func:`frozen_detector_mbrm_losses`).
+        Call after ``nn.Module.__init__`` and after every other submodule is set (the MBRM stage
         freezes the parameters present then).
         """
         if mask_chunk_size < 1:
             raise ValueError(f"MODEL.RDSNET.MASK_CHUNK_SIZE must be >= 1, got {mask_chunk_size}")
         if not 0.0 <= mask_threshold <= 1.0:
             raise ValueError(f"MODEL.RDSNET.MASK_THRESHOLD must be in [0, 1], got {mask_threshold}")
-        if (mbrm_on or mbrm_train) and mbrm is None:
-            raise ValueError("MODEL.MBRM.ENABLED / TRAIN need an MBRM module")
+        if mbrm_train_iou is not None and mbrm is None:
+            raise ValueError("MODEL.MBRM.TRAIN needs an MBRM module")
         self.pixel_stream = pixel_stream
         self.mask_stride = mask_stride
         self.rep_dim = rep_dim
@@ -99,30 +98,19 @@ class RDSNetMasks:
         self.mask_threshold = mask_threshold
         self.mask_chunk_size = mask_chunk_size
         self.mbrm = mbrm
-        self.mbrm_on = mbrm_on
-        self.mbrm_train = mbrm_train
         self.mbrm_train_iou = mbrm_train_iou
-        if mbrm_train:
-            for name, parameter in self.named_parameters():
-                parameter.requires_grad_(name.startswith("mbrm."))
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.mbrm_train:  # the MBRM stage runs the frozen detector in inference mode (BN statistics)
-            for name, child in self.named_children():
-                if name != "mbrm":
-                    child.train(False)
-        return self
+        if mbrm_train_iou is not None:
+            freeze_all_but_mbrm(self)
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """Detectron2's model contract: losses in training, ``[{"instances": Instances}]`` otherwise."""
         if not self.training:
             return self.inference(batched_inputs)
+        if self.mbrm_train_iou is not None:
+            return frozen_detector_mbrm_losses(self, batched_inputs, self.mbrm_train_iou)
         if any("instances" not in x for x in batched_inputs):
             raise ValueError(f"{type(self).__name__}: training inputs need 'instances' (annotations)")
         gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        if self.mbrm_train:
-            return self.mbrm_stage_losses(batched_inputs, gt_instances)
         return self.training_losses(batched_inputs, gt_instances)
 
     # ------------------------------------------------------------------ training
@@ -218,8 +206,7 @@ class RDSNetMasks:
             if do_postprocess:
                 output_size = (int(batched_inputs[i].get("height", output_size[0])),
                                int(batched_inputs[i].get("width", output_size[1])))
-            instances, _ = self.instance_masks(image_detections, pixel_reps[i], images.tensor.shape[-2:],
-                                               output_size, refine=self.mbrm_on)
+            instances = self.instance_masks(image_detections, pixel_reps[i], images.tensor.shape[-2:], output_size)
             outputs.append({"instances": instances} if do_postprocess else instances)
         return outputs
 
@@ -227,8 +214,7 @@ class RDSNetMasks:
         """Input-size ``Instances`` (``inference(..., do_postprocess=False)``) -> the original size."""
         return postprocess_full_image_masks(results, height, width)
 
-    def instance_masks(self, detections, pixel_rep, padded_size, output_size, refine=False,
-                       keep_profiles=False):
+    def instance_masks(self, detections, pixel_rep, padded_size, output_size):
         """Masks of one image's detections at ``output_size``, in chunks of ``mask_chunk_size``
         detections so that peak memory does not grow with the number of detections.
 
@@ -236,8 +222,7 @@ class RDSNetMasks:
         the image; to the output size, align_corners=True). The 2-way softmax equals the sigmoid of
         the foreground-minus-background logit, and interpolation is linear, so one channel is upsampled.
         Returns ``Instances`` at ``output_size`` (boxes rescaled and clipped, empty boxes dropped, masks
-        binarised at ``mask_threshold``, boxes refined by MBRM if ``refine``) and, if
-        ``keep_profiles``, the soft masks' (x (N, W), y (N, H)) profiles.
+        binarised at ``mask_threshold``, boxes refined by the model's MBRM if it has one).
         """
         input_size = detections.image_size
         out_h, out_w = output_size
@@ -271,25 +256,12 @@ class RDSNetMasks:
                 fg_minus_bg = F.interpolate(fg_minus_bg, size=(out_h, out_w), mode="bilinear", align_corners=True)
             soft = fg_minus_bg[:, 0].sigmoid() * (crop_rows[chunk, :, None] & crop_cols[chunk, None, :])
             binary.append(soft > self.mask_threshold)
-            if refine or keep_profiles:
+            if self.mbrm is not None:
                 profile_chunks.append(MBRM.profiles(soft))
         device = pixel_rep.device
         masks = cat(binary) if binary else torch.zeros((0, out_h, out_w), dtype=torch.bool, device=device)
-        profiles = cat_profiles(profile_chunks, output_size, device)
-        if refine:
+        if self.mbrm is not None:
+            profiles = cat_profiles(profile_chunks, output_size, device)
             boxes = Boxes(self.mbrm.refine_detections(profiles[0], profiles[1], boxes.tensor))
-        result = Instances(output_size, pred_boxes=boxes, scores=detections.scores,
-                           pred_classes=detections.pred_classes, pred_masks=masks)
-        return result, (profiles if keep_profiles else None)
-
-    # ------------------------------------------------------------------ MBRM stage
-    def mbrm_stage_losses(self, batched_inputs, gt_instances):
-        """``loss_mbrm`` of the MBRM training stage: the frozen detector's detections at the input size."""
-        with torch.no_grad():
-            images, detections, pixel_reps = self.run_detection(batched_inputs)
-            profiled = []
-            for i, dets in enumerate(detections):
-                instances, (x_prof, y_prof) = self.instance_masks(
-                    dets, pixel_reps[i], images.tensor.shape[-2:], dets.image_size, keep_profiles=True)
-                profiled.append((instances.pred_boxes.tensor, x_prof, y_prof))
-        return mbrm_training_loss(self.mbrm, profiled, gt_instances, self.mbrm_train_iou)
+        return Instances(output_size, pred_boxes=boxes, scores=detections.scores,
+                         pred_classes=detections.pred_classes, pred_masks=masks)

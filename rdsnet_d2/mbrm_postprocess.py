@@ -1,6 +1,6 @@
 """MBRM as a post-processor for any detector that predicts boxes and soft instance masks: the per-image
 refinement, its cheaper form for RoI masks pasted into boxes (Mask R-CNN, BlendMask), the builder that
-the other packages' models call when ``MODEL.MBRM.ENABLED`` is set, and the Mask R-CNN meta-architecture
+the models call when ``MODEL.MBRM.ENABLED`` or ``TRAIN`` is set, and the Mask R-CNN meta-architecture
 that uses it (``MODEL.META_ARCHITECTURE "GeneralizedRCNNWithMBRM"``).
 
 Models with full-image soft masks (CondInst, SOLO) pass their ``MBRM`` as the ``refine_boxes`` hook of
@@ -20,29 +20,33 @@ from detectron2.structures import Boxes, Instances
 from d2ext.layers import check_input_images, postprocess_per_image, register_empty_load_check
 
 from .mbrm import MBRM, cat_profiles
+from .mbrm_training import freeze_all_but_mbrm, frozen_detector_mbrm_losses
 
 
-def build_inference_mbrm(cfg, model_name):
-    """``MBRM(cfg)`` for a model that refines its boxes with it at inference (``MODEL.MBRM.ENABLED``),
-    or None when the switch is off.
+def build_mbrm(cfg, model_name):
+    """``MBRM(cfg)`` for a model that refines its boxes with it at inference (``MODEL.MBRM.ENABLED``) or
+    trains it in the MBRM stage (``MODEL.MBRM.TRAIN``, which then also refines), or None when both are off.
 
-    The MBRM is frozen (``requires_grad`` False): it is not trained inside these models (its training
-    stage is RDSNet's), and training the model with the switch on must not leave parameters without
-    gradients (distributed training) nor decay them. Its weights still load from a checkpoint (``mbrm.*``).
+    Outside the stage the MBRM is frozen (``requires_grad`` False): training the model with the switch on
+    must neither leave parameters without gradients (distributed training) nor decay them. Its weights
+    still load from a checkpoint (``mbrm.*``).
 
     Args:
         model_name: for the error messages.
     """
     node = cfg.MODEL.MBRM
-    if node.TRAIN:
-        raise ValueError(f"MODEL.MBRM.TRAIN: the MBRM training stage is implemented for RDSNet only, not for "
-                         f"{model_name}; train MBRM there (or with rdsnet_d2.mbrm_training) and load its weights")
-    if not node.ENABLED:
+    if not (node.ENABLED or node.TRAIN):
         return None
     if not cfg.MODEL.MASK_ON:
-        raise ValueError(f"MODEL.MBRM.ENABLED refines {model_name}'s boxes from its predicted masks: set "
-                         "MODEL.MASK_ON True")
-    return MBRM(cfg).requires_grad_(False)
+        raise ValueError(f"MODEL.MBRM.ENABLED / TRAIN: MBRM refines {model_name}'s boxes from its predicted masks: "
+                         "set MODEL.MASK_ON True")
+    return MBRM(cfg).requires_grad_(bool(node.TRAIN))
+
+
+def mbrm_train_iou(cfg):
+    """``MODEL.MBRM.TRAIN_IOU`` in the MBRM training stage (``MODEL.MBRM.TRAIN``), else None: the models'
+    ``mbrm_train_iou`` argument."""
+    return cfg.MODEL.MBRM.TRAIN_IOU if cfg.MODEL.MBRM.TRAIN else None
 
 
 def refine_instances_with_mbrm(mbrm, instances, soft_masks):
@@ -193,25 +197,39 @@ class GeneralizedRCNNWithMBRM(GeneralizedRCNN):
     """
 
     @configurable
-    def __init__(self, *, mbrm: Optional[MBRM] = None, mask_chunk_size: int = 16, **kwargs):
+    def __init__(self, *, mbrm: Optional[MBRM] = None, mask_chunk_size: int = 16,
+                 mbrm_train_iou: Optional[float] = None, **kwargs):
         """
         Args (besides GeneralizedRCNN's):
             mbrm: an :class:`MBRM`, or None (no refinement).
             mask_chunk_size: detections whose masks are pasted at once (see :func:`pasted_mask_profiles`).
+            mbrm_train_iou: None, or the MBRM training stage (``MODEL.MBRM.TRAIN``): only ``mbrm`` trains, on
+                the detections overlapping a GT box by this IoU (:func:`frozen_detector_mbrm_losses`).
         """
         super().__init__(**kwargs)
         if mask_chunk_size < 1:
             raise ValueError(f"mask_chunk_size must be >= 1, got {mask_chunk_size}")
+        if mbrm_train_iou is not None and mbrm is None:
+            raise ValueError("GeneralizedRCNNWithMBRM: the MBRM training stage needs an mbrm")
         self.mbrm = mbrm
         self.mask_chunk_size = mask_chunk_size
+        self.mbrm_train_iou = mbrm_train_iou
+        if mbrm_train_iou is not None:
+            freeze_all_but_mbrm(self)
         register_empty_load_check(self)
 
     @classmethod
     def from_config(cls, cfg):
-        mbrm = build_inference_mbrm(cfg, "Mask R-CNN")
+        mbrm = build_mbrm(cfg, "Mask R-CNN")
         ret = super().from_config(cfg)
-        ret.update(mbrm=mbrm, mask_chunk_size=cfg.MODEL.MBRM.MASK_CHUNK_SIZE)
+        ret.update(mbrm=mbrm, mask_chunk_size=cfg.MODEL.MBRM.MASK_CHUNK_SIZE, mbrm_train_iou=mbrm_train_iou(cfg))
         return ret
+
+    def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
+        """GeneralizedRCNN's; in the MBRM training stage only ``loss_mbrm``."""
+        if self.training and self.mbrm_train_iou is not None:
+            return frozen_detector_mbrm_losses(self, batched_inputs, self.mbrm_train_iou)
+        return super().forward(batched_inputs)
 
     def preprocess_image(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """GeneralizedRCNN's, after checking that every image has channels and pixels (GeneralizedRCNN

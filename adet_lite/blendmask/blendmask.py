@@ -15,7 +15,7 @@ from ..fcos.config import check_fcos_proposal_generator
 from ..fcos.head import top_feats_conv
 from ..fcos.losses import centerness_normalizer
 from ..fcos.targets import centerness_targets
-from ..mbrm import mbrm_options
+from ..mbrm import freeze_for_mbrm_stage, mbrm_options, mbrm_stage_losses
 from .basis_module import build_basis_module
 from .blender import Blender, blender_mask_loss
 from .config import BLENDMASK_REQUIREMENTS
@@ -50,7 +50,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
     @configurable
     def __init__(self, *, backbone: Backbone, proposal_generator: nn.Module, basis_module: nn.Module,
                  blender: Blender, num_bases, pixel_mean, pixel_std, instance_loss_weight=1.0,
-                 semantic_loss=None, mask_threshold=0.5, mbrm=None, mbrm_chunk_size=16,
+                 semantic_loss=None, mask_threshold=0.5, mbrm=None, mbrm_chunk_size=16, mbrm_train_iou=None,
                  panoptic_module: Optional[nn.Module] = None, sem_seg_num_classes=54, combine_overlap_thresh=0.5,
                  combine_stuff_area_thresh=4096, combine_instances_score_thresh=0.5):
         """
@@ -62,6 +62,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
             mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the boxes from the soft pasted masks at
                 inference (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``).
             mbrm_chunk_size: with ``mbrm``, masks pasted at once (on GPU; one at a time on CPU).
+            mbrm_train_iou: None, or the MBRM training stage (``MODEL.MBRM.TRAIN``; ``adet_lite/mbrm.py``).
             panoptic_module: None, or a Detectron2 semantic head (``SEM_SEG_HEAD_REGISTRY``: ``forward(features,
                 targets) -> (logits or None, losses)``) trained on the inputs' ``sem_seg`` and combined with
                 the instances at inference.
@@ -80,6 +81,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         self.mask_threshold = mask_threshold
         self.mbrm = mbrm
         self.mbrm_chunk_size = mbrm_chunk_size
+        self.mbrm_train_iou = mbrm_train_iou
         self.panoptic_module = panoptic_module
         self.sem_seg_num_classes = sem_seg_num_classes
         self.combine_overlap_thresh = combine_overlap_thresh
@@ -87,6 +89,7 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         self.combine_instances_score_thresh = combine_instances_score_thresh
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
+        freeze_for_mbrm_stage(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -123,6 +126,8 @@ class BlendMask(PixelNormalizationMixin, nn.Module):
         ``panoptic_module`` also ``"sem_seg"`` and ``"panoptic_seg"`` (see :meth:`inference`)."""
         if not self.training:
             return self.inference(batched_inputs)
+        if self.mbrm_train_iou is not None:
+            return mbrm_stage_losses(self, batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         if any("instances" not in x for x in batched_inputs):

@@ -15,7 +15,7 @@ from d2ext.layers import (PixelNormalizationMixin, aligned_bilinear, ensure_gt_m
 
 from ..fcos.config import check_fcos_proposal_generator
 from ..fcos.head import top_feats_conv
-from ..mbrm import mbrm_options
+from ..mbrm import freeze_for_mbrm_stage, mbrm_options, mbrm_stage_losses
 
 from .boxinst import add_box_bitmask_targets, boxinst_losses, color_similarity, rgb_to_lab
 from .config import BOXINST_REQUIREMENTS, CONDINST_REQUIREMENTS
@@ -49,7 +49,8 @@ class CondInst(PixelNormalizationMixin, nn.Module):
     @configurable
     def __init__(self, *, backbone: Backbone, proposal_generator: nn.Module, mask_branch: MaskBranch,
                  mask_head: DynamicMaskHead, pixel_mean, pixel_std, max_proposals=-1, topk_proposals_per_im=-1,
-                 mask_threshold=0.5, boxinst=None, input_format="BGR", mbrm=None, mbrm_chunk_size=16):
+                 mask_threshold=0.5, boxinst=None, input_format="BGR", mbrm=None, mbrm_chunk_size=16,
+                 mbrm_train_iou=None):
         """
         Args:
             boxinst: None for CondInst; for BoxInst a dict with ``bottom_pixels_removed``,
@@ -58,6 +59,7 @@ class CondInst(PixelNormalizationMixin, nn.Module):
             mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the boxes from the soft masks at inference
                 (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``).
             mbrm_chunk_size: detections whose full-size soft masks exist at once in post-processing.
+            mbrm_train_iou: None, or the MBRM training stage (``MODEL.MBRM.TRAIN``; ``adet_lite/mbrm.py``).
         """
         super().__init__()
         if input_format not in ("BGR", "RGB"):
@@ -74,8 +76,10 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         self.input_format = input_format
         self.mbrm = mbrm
         self.mbrm_chunk_size = mbrm_chunk_size
+        self.mbrm_train_iou = mbrm_train_iou
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
+        freeze_for_mbrm_stage(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -113,6 +117,8 @@ class CondInst(PixelNormalizationMixin, nn.Module):
         ``{"instances": Instances}`` at the original size (``height`` / ``width`` of the inputs)."""
         if not self.training:
             return self.inference(batched_inputs)
+        if self.mbrm_train_iou is not None:
+            return mbrm_stage_losses(self, batched_inputs)
         images = self.preprocess_image(batched_inputs)
         features = self.backbone(images.tensor)
         padded_height, padded_width = images.tensor.shape[-2:]

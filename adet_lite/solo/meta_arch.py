@@ -15,7 +15,7 @@ from d2ext.layers import (MSRA, NUM_QUADRATIC_COORDINATE_TERMS, TORCHVISION, Pix
                           postprocess_full_image_masks, postprocess_per_image, register_empty_load_check,
                           rename_reference_keys)
 
-from ..mbrm import mbrm_options
+from ..mbrm import freeze_for_mbrm_stage, mbrm_options, mbrm_stage_losses
 from .category_branch import CategoryBranch
 from .checkpoint import MMDET, reference_format, rename_reference_key
 from .config import GRID_HEAD_REQUIREMENTS, SOLOV2_REQUIREMENTS
@@ -116,6 +116,7 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         input_format="BGR",
         mbrm=None,
         mbrm_chunk_size=16,
+        mbrm_train_iou=None,
     ):
         """
         Args:
@@ -126,7 +127,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
             input_format: ``INPUT.FORMAT`` of the images: checked against released weights' conventions on load.
             mbrm: None, or an ``rdsnet_d2.MBRM`` that refines the masks' boxes from the soft masks at
                 inference (``MODEL.MBRM.ENABLED``; see ``adet_lite/mbrm.py``); mbrm_chunk_size: with it,
-                detections whose full-size soft masks exist at once.
+                detections whose full-size soft masks exist at once; mbrm_train_iou: None, or the MBRM
+                training stage (``MODEL.MBRM.TRAIN``).
             The others: see ``add_solo_config``.
         """
         super().__init__()
@@ -150,9 +152,11 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         self.inference_params = inference_params
         self.mbrm = mbrm
         self.mbrm_chunk_size = mbrm_chunk_size
+        self.mbrm_train_iou = mbrm_train_iou
         self.input_format = input_format
         self.register_pixel_stats(pixel_mean, pixel_std)
         register_empty_load_check(self)
+        freeze_for_mbrm_stage(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -207,6 +211,8 @@ class SOLO(PixelNormalizationMixin, nn.Module):
         with ``pred_masks`` (N, H, W) bool at the original image size and ``pred_boxes`` derived from them."""
         if not self.training:
             return self.inference(batched_inputs)
+        if self.mbrm_train_iou is not None:
+            return mbrm_stage_losses(self, batched_inputs)
         for x in batched_inputs:
             if "instances" not in x:
                 raise ValueError("SOLO training needs 'instances' in every input (use a dataset mapper "

@@ -81,13 +81,15 @@ class Trainer(DefaultTrainer):
     def build_model(cls, cfg):
         """Detectron2's model; a checkpoint that loads nothing into it is an error, also for Detectron2's
         own meta-architectures (``GeneralizedRCNN`` of the NL-RoI configs). A post-processing switch on a model
-        that does not read it is an error (it would otherwise be ignored): ``MODEL.MBRM.ENABLED`` without MBRM
-        post-processing, ``MODEL.ROI_HEADS.SOFT_NMS`` / ``BOX_VOTE.ENABLED`` without ROI heads that apply them."""
+        that does not read it is an error (it would otherwise be ignored): ``MODEL.MBRM.ENABLED`` or ``TRAIN``
+        without MBRM post-processing, ``MODEL.ROI_HEADS.SOFT_NMS`` / ``BOX_VOTE.ENABLED`` without ROI heads
+        that apply them."""
         model = super().build_model(cfg)
         mbrm = cfg.MODEL.get("MBRM")
-        if mbrm is not None and mbrm.ENABLED and getattr(model, "mbrm", None) is None:
+        switches = [key for key in ("ENABLED", "TRAIN") if mbrm is not None and mbrm[key]]
+        if switches and getattr(model, "mbrm", None) is None:
             raise ValueError(
-                f"MODEL.MBRM.ENABLED is True but MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} has no "
+                f"MODEL.MBRM.{switches[0]} is True but MODEL.META_ARCHITECTURE {cfg.MODEL.META_ARCHITECTURE!r} has no "
                 "MBRM post-processing; MBRM refines boxes from masks in RDSNet, CondInst / BoxInst, BlendMask, "
                 "SOLO / SOLOv2 and GeneralizedRCNNWithMBRM (Mask R-CNN)")
         check_roi_postprocess_is_applied(cfg, model)

@@ -289,9 +289,10 @@ def test_out_of_range_value_is_an_error_naming_the_key_when_the_model_is_built(n
 
 @pytest.mark.parametrize("config", ["fcos_R18_synthetic.yaml", "nlroi_mask_rcnn_R18_FPN_synthetic.yaml",
                                     "mask_rcnn_R18_FPN_synthetic.yaml"])
-def test_mbrm_switch_on_a_model_without_mbrm_is_an_error(config):
-    cfg = setup_cfg(config_path(f"quickstart/{config}"), ["MODEL.MBRM.ENABLED", "True"])
-    with pytest.raises(ValueError, match="MODEL.MBRM.ENABLED .* has no MBRM post-processing"):
+@pytest.mark.parametrize("switch", ["ENABLED", "TRAIN"])
+def test_mbrm_switch_on_a_model_without_mbrm_is_an_error(config, switch):
+    cfg = setup_cfg(config_path(f"quickstart/{config}"), [f"MODEL.MBRM.{switch}", "True"])
+    with pytest.raises(ValueError, match=f"MODEL.MBRM.{switch} .* has no MBRM post-processing"):
         Trainer.build_model(cfg)
 
 

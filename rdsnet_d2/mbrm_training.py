@@ -2,11 +2,10 @@
 frozen in inference mode on training images, each detection whose box overlaps a GT box by
 ``iou_threshold`` or more is paired with that box, and MBRM learns from the detections' soft masks.
 
-RDSNet makes its detections' profiles itself (``RDSNetMasks.mbrm_stage_losses``). Every other model that
-refines its boxes through an ``mbrm`` attribute in its post-processing (Mask R-CNN with
-``GeneralizedRCNNWithMBRM``, adet_lite's CondInst, BlendMask, SOLO, SOLOv2) trains it with
-:func:`frozen_detector_mbrm_losses`, which reads the profiles at the place where that post-processing
-refines: the stage trains MBRM on exactly what it sees at inference.
+Every model that refines its boxes through an ``mbrm`` attribute at inference (RDSNet, Mask R-CNN with
+``GeneralizedRCNNWithMBRM``, adet_lite's CondInst / BoxInst, BlendMask, SOLO, SOLOv2) trains it with
+:func:`frozen_detector_mbrm_losses`, which reads the profiles at the place where that model refines: the
+stage trains MBRM on exactly what it sees at inference.
 """
 from typing import Dict, List
 

@@ -160,3 +160,11 @@ def test_stage_names_inputs_without_annotations():
     batch = dataset_batch(tiny_cfg(config_path(CONDINST), OPTS[CONDINST]), is_train=False)
     with pytest.raises(ValueError, match=r"MBRM training stage \(MODEL.MBRM.TRAIN\) needs 'instances'"):
         train_step(model, batch)
+
+
+def test_stage_without_detections_gives_a_connected_zero():
+    """No detection (score threshold 1) matches nothing: loss 0, still a graph to MBRM's parameters."""
+    model = _stage_model(CONDINST, ["MODEL.FCOS.INFERENCE_TH_TEST", "1.0"])
+    losses = train_step(model, _batch(CONDINST))
+    assert losses == {"loss_mbrm": 0.0}
+    assert all(p.grad is not None and not p.grad.any() for p in model.mbrm.parameters())

@@ -29,12 +29,12 @@ def mbrm_options(cfg, model_name):
 
 
 def freeze_for_mbrm_stage(model):
-    """In the MBRM training stage (``model.mbrm_train_iou`` set): every parameter but MBRM's is frozen.
-    Call at the end of the model's ``__init__``."""
+    """rdsnet_d2's ``freeze_for_mbrm_stage``: in the MBRM training stage every parameter but MBRM's is frozen.
+    Call at the end of the model's ``__init__``. Outside the stage rdsnet_d2 is not imported."""
     if model.mbrm_train_iou is not None:
-        from rdsnet_d2.mbrm_training import freeze_all_but_mbrm
+        from rdsnet_d2.mbrm_training import freeze_for_mbrm_stage as freeze
 
-        freeze_all_but_mbrm(model)
+        freeze(model)
 
 
 def mbrm_stage_losses(model, batched_inputs):

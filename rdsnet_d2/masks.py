@@ -17,7 +17,7 @@ from .cropping import crop_axes, crop_masks, expanded_crop_boxes
 from .mask_loss import IGNORE, ohem_mask_loss
 from .mbrm import MBRM, cat_profiles
 from .mbrm_postprocess import build_mbrm, mbrm_train_iou
-from .mbrm_training import freeze_all_but_mbrm, frozen_detector_mbrm_losses
+from .mbrm_training import freeze_for_mbrm_stage, frozen_detector_mbrm_losses
 from .pixel_stream import PixelStream
 
 
@@ -81,8 +81,6 @@ class RDSNetMasks:
             raise ValueError(f"MODEL.RDSNET.MASK_CHUNK_SIZE must be >= 1, got {mask_chunk_size}")
         if not 0.0 <= mask_threshold <= 1.0:
             raise ValueError(f"MODEL.RDSNET.MASK_THRESHOLD must be in [0, 1], got {mask_threshold}")
-        if mbrm_train_iou is not None and mbrm is None:
-            raise ValueError("MODEL.MBRM.TRAIN needs an MBRM module")
         self.pixel_stream = pixel_stream
         self.mask_stride = mask_stride
         self.rep_dim = rep_dim
@@ -99,8 +97,7 @@ class RDSNetMasks:
         self.mask_chunk_size = mask_chunk_size
         self.mbrm = mbrm
         self.mbrm_train_iou = mbrm_train_iou
-        if mbrm_train_iou is not None:
-            freeze_all_but_mbrm(self)
+        freeze_for_mbrm_stage(self)
 
     def forward(self, batched_inputs: List[Dict[str, torch.Tensor]]):
         """Detectron2's model contract: losses in training, ``[{"instances": Instances}]`` otherwise."""

@@ -20,7 +20,7 @@ from detectron2.structures import Boxes, Instances
 from d2ext.layers import check_input_images, postprocess_per_image, register_empty_load_check
 
 from .mbrm import MBRM, cat_profiles
-from .mbrm_training import freeze_all_but_mbrm, frozen_detector_mbrm_losses
+from .mbrm_training import freeze_for_mbrm_stage, frozen_detector_mbrm_losses
 
 
 def build_mbrm(cfg, model_name):
@@ -209,13 +209,10 @@ class GeneralizedRCNNWithMBRM(GeneralizedRCNN):
         super().__init__(**kwargs)
         if mask_chunk_size < 1:
             raise ValueError(f"mask_chunk_size must be >= 1, got {mask_chunk_size}")
-        if mbrm_train_iou is not None and mbrm is None:
-            raise ValueError("GeneralizedRCNNWithMBRM: the MBRM training stage needs an mbrm")
         self.mbrm = mbrm
         self.mask_chunk_size = mask_chunk_size
         self.mbrm_train_iou = mbrm_train_iou
-        if mbrm_train_iou is not None:
-            freeze_all_but_mbrm(self)
+        freeze_for_mbrm_stage(self)
         register_empty_load_check(self)
 
     @classmethod

@@ -45,9 +45,14 @@ def mbrm_training_loss(mbrm, detections, gt_instances, iou_threshold=0.5):
     return {"loss_mbrm": total / count}
 
 
-def freeze_all_but_mbrm(model: nn.Module):
-    """The MBRM stage's parameters: ``mbrm.*`` train, every other parameter is frozen (``requires_grad``
-    False, so that optimizers and DistributedDataParallel leave them out)."""
+def freeze_for_mbrm_stage(model: nn.Module):
+    """In the MBRM training stage (``model.mbrm_train_iou`` set: ``MODEL.MBRM.TRAIN``) ``mbrm.*`` train and every
+    other parameter is frozen (``requires_grad`` False, so that optimizers and DistributedDataParallel leave them
+    out); outside it, nothing. Call at the end of the model's ``__init__``, when every submodule is set."""
+    if model.mbrm_train_iou is None:
+        return
+    if model.mbrm is None:
+        raise ValueError(f"{type(model).__name__}: the MBRM training stage (MODEL.MBRM.TRAIN) needs an mbrm")
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(name.startswith("mbrm."))
 
@@ -84,7 +89,7 @@ def frozen_detector_mbrm_losses(model: nn.Module, batched_inputs: List[Dict], io
 
     Args:
         model: a meta-architecture with an ``mbrm`` (:class:`MBRM`), ``inference(batched_inputs)`` and
-            ``device``; its parameters but MBRM's are frozen (:func:`freeze_all_but_mbrm`).
+            ``device``; its parameters but MBRM's are frozen (:func:`freeze_for_mbrm_stage`).
         batched_inputs: Detectron2's training inputs, with ``instances``.
     """
     if any("instances" not in x for x in batched_inputs):
